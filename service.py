@@ -1,0 +1,32 @@
+"""BentoML entry point: `bentoml serve` (from the repository root) serves SegmentationService."""
+
+import bentoml
+
+from nnunet_bento.http_errors import SeedErrorMiddleware
+from nnunet_bento.serving import (
+    ModelRunnerBase,
+    SegmentationServiceBase,
+    bento_model_attributes,
+    build_get_routes,
+    load_registry_or_exit,
+    runner_config,
+    segmentation_config,
+)
+from nnunet_bento.settings import load_settings
+
+SETTINGS = load_settings()
+REGISTRY = load_registry_or_exit(SETTINGS)
+GET_ROUTES = build_get_routes()
+
+ModelRunner = bentoml.service(**runner_config(SETTINGS))(
+    type("ModelRunner", (ModelRunnerBase,), {"registry": REGISTRY, **bento_model_attributes(REGISTRY)})
+)
+SegmentationService = bentoml.service(**segmentation_config(SETTINGS))(
+    type(
+        "SegmentationService",
+        (SegmentationServiceBase,),
+        {"registry": REGISTRY, "get_routes": GET_ROUTES, "runner": bentoml.depends(ModelRunner)},
+    )
+)
+SegmentationService.mount_asgi_app(GET_ROUTES, path="/")
+SegmentationService.add_asgi_middleware(SeedErrorMiddleware)

@@ -1,0 +1,43 @@
+"""Errors that carry the HTTP status they map to; the CLI prints them as one line."""
+
+from http import HTTPStatus
+
+
+class NnunetBentoError(Exception):
+    """Base error: its message speaks to the operator, its status to the HTTP client."""
+
+    status_code: HTTPStatus = HTTPStatus.INTERNAL_SERVER_ERROR
+
+
+class RequestError(NnunetBentoError):
+    """The request is malformed or does not fit the model (HTTP 400)."""
+
+    status_code = HTTPStatus.BAD_REQUEST
+
+
+class InputNotFoundError(NnunetBentoError):
+    """An input path named by the request does not exist (HTTP 404)."""
+
+    status_code = HTTPStatus.NOT_FOUND
+
+
+class DeviceUnavailableError(NnunetBentoError):
+    """No GPU had the free memory the model needs before the wait ran out (HTTP 503)."""
+
+    status_code = HTTPStatus.SERVICE_UNAVAILABLE
+
+
+class ModelFolderError(NnunetBentoError):
+    """A folder is not a usable nnU-Net result folder."""
+
+
+class SpecError(NnunetBentoError):
+    """model-serve-spec.yaml is invalid; raised at start-up, never inside a request."""
+
+
+def error_for_status(status_code: int, message: str) -> NnunetBentoError:
+    """Rebuild the error that a status code stands for, e.g. after it crossed a process."""
+    for error_class in (RequestError, InputNotFoundError, DeviceUnavailableError):
+        if error_class.status_code == status_code:
+            return error_class(message)
+    return NnunetBentoError(message)

@@ -1,0 +1,1 @@
+"""Readers of input series and writers of outputs."""

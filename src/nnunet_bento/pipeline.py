@@ -1,0 +1,203 @@
+"""One request, top to bottom: plan -> read -> predict -> export. No BentoML here."""
+
+import time
+from collections import defaultdict
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+from .errors import InputNotFoundError, RequestError
+from .io.images import (
+    NnunetInput,
+    image_file_in,
+    image_like,
+    read_image,
+    segmentation_dtype,
+    to_nnunet_input,
+)
+from .io.staging import OutputStaging
+from .registry import RegisteredModel, Registry, metadata_content
+from .request import (
+    InferenceRequest,
+    InferenceResponse,
+    StageOutputs,
+    StageSettings,
+    merge_stage_settings,
+)
+from .runners.protocol import PredictionJob, PredictionResult, Predictor
+
+NOT_YET_SUPPORTED = ("class_idx", "min_confidence", "intersect_with", "crop_from")
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One model of a request with its merged settings."""
+
+    index: int
+    model: RegisteredModel
+    settings: StageSettings
+
+    @property
+    def folder(self) -> str:
+        return f"stage_{self.index}"
+
+
+def output_name(stem: str, suffix: str | None) -> str:
+    """``prediction.nii.gz`` or ``prediction_<suffix>.nii.gz``."""
+    return f"{stem}{'_' + suffix if suffix else ''}.nii.gz"
+
+
+class Timings:
+    """Seconds spent per named step, summed over stages."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = defaultdict(float)
+
+    @contextmanager
+    def step(self, name: str) -> Iterator[None]:
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] += time.perf_counter() - started
+
+
+class SegmentationPipeline:
+    """Runs /infer requests against a registry, handing model runs to a Predictor."""
+
+    def __init__(self, registry: Registry, predictor: Predictor):
+        self.registry = registry
+        self.predictor = predictor
+
+    def plan(self, request: InferenceRequest) -> list[Stage]:
+        """Resolve the models and merge their default_args into per-stage settings."""
+        models = [self.registry.get(model_id) for model_id in request.model_ids]
+        settings = merge_stage_settings(request, [m.entry.default_args for m in models])
+        stages = [Stage(i, m, s) for i, (m, s) in enumerate(zip(models, settings, strict=True))]
+        self._reject_unsupported(request, stages)
+        if not Path(request.study_path).is_dir():
+            raise InputNotFoundError(f"study_path {request.study_path} does not exist")
+        for stage in stages:
+            expected = stage.model.description.num_channels
+            given = len(stage.settings.series_folders)
+            if given != expected:
+                channels = ", ".join(stage.model.description.channel_names.values())
+                raise RequestError(
+                    f"model {stage.model.id!r} takes {expected} series ({channels}); "
+                    f"series_folders gives {given}"
+                )
+        return stages
+
+    @staticmethod
+    def _reject_unsupported(request: InferenceRequest, stages: list[Stage]) -> None:
+        unsupported = [
+            name for name in NOT_YET_SUPPORTED for stage in stages if getattr(stage.settings, name)
+        ]
+        if request.is_dicom:
+            unsupported.append("is_dicom")
+        if len(stages) > 1:
+            unsupported.append("multi-model cascades")
+        if unsupported:
+            raise RequestError(
+                f"not supported by this server version: {', '.join(dict.fromkeys(unsupported))}"
+            )
+
+    def read(self, request: InferenceRequest, stage: Stage) -> NnunetInput:
+        study = Path(request.study_path)
+        files = [image_file_in(study / series) for series in stage.settings.series_folders]
+        return to_nnunet_input([read_image(path) for path in files])
+
+    def predict(self, stage: Stage, image: NnunetInput) -> PredictionResult:
+        labels = tuple(stage.model.description.foreground_labels.values())
+        job = PredictionJob(
+            model_id=stage.model.id,
+            image=image.array,
+            properties=image.properties,
+            folds=tuple(stage.settings.use_folds),
+            checkpoint_name=stage.settings.checkpoint_name,
+            tta=stage.settings.tta,
+            probability_labels=labels if stage.settings.save_proba_map else None,
+        )
+        return self.predictor.predict(job)
+
+    def export(
+        self,
+        request: InferenceRequest,
+        stage: Stage,
+        image: NnunetInput,
+        result: PredictionResult,
+        staging: OutputStaging,
+    ) -> StageOutputs:
+        suffix = request.suffix
+        segmentation = result.segmentation.astype(segmentation_dtype(result.segmentation))
+        prediction = f"{stage.folder}/{output_name('prediction', suffix)}"
+        write_image(image_like(segmentation, image.reference), staging.path(prediction))
+        outputs = StageOutputs(
+            stage=stage.index,
+            nnunet_id=stage.model.id,
+            is_empty=not segmentation.any(),
+            nifti_prediction=str(staging.final_path(prediction)),
+        )
+        if result.probabilities is not None:
+            proba = f"{stage.folder}/{output_name('proba', suffix)}"
+            write_image(
+                probability_image(result.probabilities, stage.settings.proba_threshold, image),
+                staging.path(proba),
+            )
+            outputs.nifti_proba = str(staging.final_path(proba))
+        if request.save_nifti_inputs:
+            for channel in range(image.array.shape[0]):
+                name = f"{stage.folder}/{output_name(f'volume_{channel:04d}', suffix)}"
+                write_image(image_like(image.array[channel], image.reference), staging.path(name))
+                outputs.nifti_inputs.append(str(staging.final_path(name)))
+        return outputs
+
+    def run(self, request: InferenceRequest) -> InferenceResponse:
+        """Plan, then read, predict and export every stage; outputs appear only on success."""
+        started = time.perf_counter()
+        timings = Timings()
+        stages = self.plan(request)
+        results: list[PredictionResult] = []
+        stage_outputs: list[StageOutputs] = []
+        with OutputStaging(Path(request.output_dir)) as staging:
+            for stage in stages:
+                with timings.step("read"):
+                    image = self.read(request, stage)
+                with timings.step("predict"):
+                    results.append(self.predict(stage, image))
+                with timings.step("export"):
+                    stage_outputs.append(self.export(request, stage, image, results[-1], staging))
+        paths = [stage.model.source for stage in stages]
+        metadata = [metadata_content(stage.model.entry) for stage in stages]
+        return InferenceResponse(
+            time_elapsed=time.perf_counter() - started,
+            timings=dict(timings.seconds),
+            gpu=results[0].gpu,
+            device=results[0].device,
+            nnunet_path=paths[0] if isinstance(request.nnunet_id, str) else paths,
+            metadata=metadata[0] if isinstance(request.nnunet_id, str) else metadata,
+            request=request.model_dump(),
+            nifti_prediction=[o.nifti_prediction for o in stage_outputs],
+            nifti_proba=[o.nifti_proba for o in stage_outputs if o.nifti_proba],
+            nifti_inputs=[path for o in stage_outputs for path in o.nifti_inputs],
+            stages=stage_outputs,
+        )
+
+
+def probability_image(
+    probabilities: np.ndarray, threshold: float | None, image: NnunetInput
+) -> sitk.Image:
+    """Probabilities below the threshold set to 0; one label: 3D, several: 4D (label last)."""
+    values = probabilities.astype(np.float32)
+    if threshold is not None:
+        values[values < threshold] = 0
+    volumes = [image_like(volume, image.reference) for volume in values]
+    return volumes[0] if len(volumes) == 1 else sitk.JoinSeries(volumes)
+
+
+def write_image(image: sitk.Image, path: Path) -> None:
+    sitk.WriteImage(image, str(path), useCompression=True)

@@ -1,0 +1,155 @@
+"""The spec resolved against the model store and the file system, checked at start-up."""
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+from .errors import ModelFolderError, RequestError, SpecError
+from .model_folder import ModelDescription, describe_model_folder
+from .request import PER_MODEL_FIELDS, InferenceRequest, StageSettings, format_validation_error
+from .spec import MetadataPath, ModelEntry, ServeSpec
+from .store import stored_model
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RegisteredModel:
+    """A spec entry with the folder it resolved to and what that folder says."""
+
+    entry: ModelEntry
+    folder: Path
+    source: str
+    description: ModelDescription
+    store_metadata: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def id(self) -> str:
+        return self.entry.id
+
+    def info(self) -> dict[str, Any]:
+        """The /model_info record: the seed's fields, with no absolute server path."""
+        return {
+            "id": self.entry.id,
+            "name": self.entry.name,
+            "aliases": self.entry.aliases,
+            "path": self.source,
+            "rel_path": self.entry.rel_path,
+            "tag": self.entry.tag and self.source,
+            "metadata": metadata_content(self.entry),
+            "min_mem": self.entry.min_mem,
+            "default_args": self.entry.default_args,
+            "n_classes": len(self.description.labels),
+            "model_information": self.description.dataset_json,
+            "trainer": self.store_metadata.get("trainer"),
+            "configuration": self.store_metadata.get("configuration"),
+            "folds": self.description.folds,
+            "is_totalseg": self.entry.totalseg_task is not None,
+        }
+
+
+def metadata_content(entry: ModelEntry) -> dict[str, Any] | None:
+    """The DICOM metadata of an entry: the template's content, or the inline object."""
+    if isinstance(entry.metadata, MetadataPath):
+        return json.loads(entry.metadata.path.read_text())
+    return entry.metadata
+
+
+def find_rel_path(model_folder: Path, rel_path: str) -> Path:
+    """The one result folder under model_folder whose path is, or contains, rel_path."""
+    direct = model_folder / rel_path
+    if (direct / "dataset.json").is_file():
+        return direct
+    matches = sorted(
+        p.parent
+        for p in model_folder.rglob("dataset.json")
+        if rel_path in p.parent.relative_to(model_folder).as_posix()
+        and any(p.parent.glob("fold_*"))
+    )
+    if len(matches) != 1:
+        found = ", ".join(str(m.relative_to(model_folder)) for m in matches) or "none"
+        raise ModelFolderError(
+            f"rel_path {rel_path!r} must match one result folder under {model_folder}; "
+            f"found {found}"
+        )
+    return matches[0]
+
+
+def check_default_args(entry: ModelEntry) -> None:
+    """default_args must name request parameters and hold values of their types."""
+    unknown = set(entry.default_args) - set(InferenceRequest.model_fields)
+    if unknown:
+        raise SpecError(
+            f"model {entry.id!r}, field 'default_args': unknown request parameter(s) "
+            f"{', '.join(sorted(unknown))}"
+        )
+    values = {"series_folders": ["placeholder"], **entry.default_args}
+    try:
+        StageSettings.model_validate({k: v for k, v in values.items() if k in PER_MODEL_FIELDS})
+    except ValidationError as error:
+        raise SpecError(
+            f"model {entry.id!r}, field 'default_args': {format_validation_error(error)}"
+        ) from None
+
+
+def resolve_entry(spec: ServeSpec, entry: ModelEntry) -> RegisteredModel:
+    """Find an entry's result folder: in the Bento model store, or under model_folder."""
+    if entry.tag:
+        folder, store_metadata = stored_model(entry.tag)
+        source = f"{store_metadata.get('nnunet_id', entry.id)}:{folder.name}"
+    elif entry.rel_path:
+        assert spec.model_folder is not None
+        folder, store_metadata, source = find_rel_path(spec.model_folder, entry.rel_path), {}, entry.rel_path
+    else:
+        raise ModelFolderError(
+            f"TotalSegmentator task {entry.totalseg_task!r} is not supported by this version"
+        )
+    return RegisteredModel(entry, folder, source, describe_model_folder(folder), store_metadata)
+
+
+class Registry:
+    """The models that serve, looked up by id, name or alias."""
+
+    def __init__(self, models: list[RegisteredModel], disabled: dict[str, str] | None = None):
+        self.models = {model.id: model for model in models}
+        self.disabled = disabled or {}
+        self._by_name = {name: model for model in models for name in model.entry.names}
+
+    def get(self, name: str) -> RegisteredModel:
+        """The model a request names; a 400 that lists the known names otherwise."""
+        if name in self._by_name:
+            return self._by_name[name]
+        if name in self.disabled:
+            raise RequestError(f"model {name!r} is disabled: {self.disabled[name]}")
+        raise RequestError(
+            f"unknown nnunet_id {name!r}; known ids, names and aliases: "
+            f"{', '.join(sorted(self._by_name))}"
+        )
+
+
+def build_registry(spec: ServeSpec) -> Registry:
+    """Resolve every entry; a broken entry stops start-up with one message naming it.
+
+    TotalSegmentator entries whose weights are missing are disabled with a warning instead,
+    so that the other models still serve.
+    """
+    models, disabled = [], {}
+    for entry in spec.models:
+        check_default_args(entry)
+        if isinstance(entry.metadata, MetadataPath) and not entry.metadata.path.is_file():
+            raise SpecError(
+                f"model {entry.id!r}, field 'metadata.path': {entry.metadata.path} does not exist"
+            )
+        try:
+            models.append(resolve_entry(spec, entry))
+        except ModelFolderError as error:
+            if entry.totalseg_task:
+                logger.warning("model %r is disabled: %s", entry.id, error)
+                disabled[entry.id] = str(error)
+                continue
+            raise SpecError(f"model {entry.id!r}: {error}") from None
+    return Registry(models, disabled)

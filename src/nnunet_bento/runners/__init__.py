@@ -1,0 +1,1 @@
+"""One runner per nnU-Net model: warm predictors, device choice, prediction."""

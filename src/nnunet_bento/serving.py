@@ -1,0 +1,178 @@
+"""The BentoML services: SegmentationService (HTTP, CPU) and ModelRunner (GPU).
+
+service.py builds the concrete classes from these bases, adding the spec's Bento models as
+class attributes so that `bentoml build` packs them.
+"""
+
+import logging
+import re
+import sys
+from typing import Any
+
+import anyio
+import bentoml
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+from .errors import NnunetBentoError, SpecError, error_for_status
+from .pipeline import SegmentationPipeline
+from .registry import Registry, build_registry
+from .request import InferenceRequest
+from .runners.device import DeviceSelector
+from .runners.nnunet_runner import RunnerModel, RunnerSet
+from .runners.protocol import (
+    PredictionJob,
+    PredictionResult,
+    RunnerFailure,
+    from_wire,
+    to_wire,
+)
+from .settings import ServeSettings, load_settings
+from .spec import load_spec
+
+logger = logging.getLogger("nnunet_bento")
+
+
+def load_registry_or_exit(settings: ServeSettings) -> Registry:
+    """The registry of the spec named by MODEL_SERVE_SPEC; a spec error stops start-up."""
+    try:
+        return build_registry(load_spec(settings.model_serve_spec))
+    except SpecError as error:
+        sys.exit(f"nnunet-bento cannot start: {error}")
+
+
+def bento_model_attributes(registry: Registry) -> dict[str, bentoml.models.BentoModel]:
+    """One BentoModel class attribute per stored model, so that `bentoml build` packs it."""
+    return {
+        f"model_{re.sub(r'[^0-9a-zA-Z_]', '_', model.id)}": bentoml.models.BentoModel(model.source)
+        for model in registry.models.values()
+        if model.entry.tag
+    }
+
+
+def runner_config(settings: ServeSettings) -> dict[str, Any]:
+    return {
+        "name": "ModelRunner",
+        "resources": {"gpu": 1},
+        "workers": 1,
+        "traffic": {"timeout": settings.nnunet_bento_request_timeout_s},
+    }
+
+
+def segmentation_config(settings: ServeSettings) -> dict[str, Any]:
+    return {
+        "name": "SegmentationService",
+        "workers": 1,
+        "traffic": {"timeout": settings.nnunet_bento_request_timeout_s},
+        "http": {"port": settings.nnunet_serve_port},
+    }
+
+
+class ModelRunnerBase:
+    """Holds a warm runner per model; one worker, so GPU work runs one job at a time."""
+
+    registry: Registry
+
+    def __init__(self) -> None:
+        settings = load_settings()
+        models = {
+            model.id: RunnerModel(model.folder, model.entry.min_mem)
+            for model in self.registry.models.values()
+        }
+        self.runners = RunnerSet(
+            models,
+            DeviceSelector.for_this_machine(settings.nnunet_bento_gpu_wait_s),
+            settings.nnunet_bento_predictor_cache_size,
+        )
+
+    @bentoml.api
+    def predict(self, job: dict[str, Any]) -> dict[str, Any]:
+        """Run one PredictionJob (as to_wire made it); returns a result or a failure."""
+        return to_wire(self.runners.predict_or_failure(from_wire(job)))
+
+    @bentoml.api
+    def device_info(self) -> dict[str, Any]:
+        return self.runners.selector.describe()
+
+
+class RemotePredictor:
+    """The pipeline's Predictor backed by the ModelRunner service."""
+
+    def __init__(self, runner: Any) -> None:
+        self.runner = runner
+
+    def predict(self, job: PredictionJob) -> PredictionResult:
+        outcome = from_wire(self.runner.predict(job=to_wire(job)))
+        if isinstance(outcome, RunnerFailure):
+            raise error_for_status(outcome.status_code, outcome.message)
+        return outcome
+
+
+def failure(status_code: int, message: str) -> JSONResponse:
+    """The seed's error body."""
+    return JSONResponse({"status": "failed", "error": message}, status_code=status_code)
+
+
+class SegmentationServiceBase:
+    """HTTP entry point: parses requests, runs the pipeline in a thread, answers JSON."""
+
+    registry: Registry
+    runner: Any
+    get_routes: Starlette
+
+    def __init__(self) -> None:
+        self.settings = load_settings()
+        self.pipeline = SegmentationPipeline(self.registry, RemotePredictor(self.runner))
+        self.get_routes.state.service = self
+
+    @bentoml.api(input_spec=InferenceRequest)
+    async def infer(self, **fields: Any) -> dict[str, Any]:
+        """Run one inference request (a model, or a cascade of models)."""
+        request = InferenceRequest(**fields)
+        try:
+            response = await anyio.to_thread.run_sync(self.pipeline.run, request)
+        except NnunetBentoError as error:
+            logger.warning("request for %s failed: %s", request.nnunet_id, error)
+            return failure(error.status_code, str(error))
+        except Exception as error:
+            logger.exception("request for %s failed", request.nnunet_id)
+            return failure(500, f"inference failed: {type(error).__name__}: {error}")
+        return response.model_dump(mode="json")
+
+    @bentoml.api
+    async def model_info(self) -> dict[str, Any]:
+        """The registry: one record per model id, with the device that runs the models."""
+        device = await self.runner.to_async.device_info()
+        info: dict[str, Any] = {
+            model.id: {**model.info(), "available": True, "device": device["device"]}
+            for model in self.registry.models.values()
+        }
+        for model_id, reason in self.registry.disabled.items():
+            info[model_id] = {"id": model_id, "available": False, "error": reason}
+        return info
+
+    @bentoml.api(route="/request-params")
+    async def request_params(self) -> dict[str, Any]:
+        """The JSON schema of the /infer body."""
+        return InferenceRequest.model_json_schema()
+
+
+def build_get_routes() -> Starlette:
+    """GET /model_info and GET /request-params, as the seed's curl examples use them."""
+
+    async def model_info(request: Request) -> JSONResponse:
+        return JSONResponse(await request.app.state.service.model_info())
+
+    async def request_params(request: Request) -> JSONResponse:
+        return JSONResponse(InferenceRequest.model_json_schema())
+
+    app = Starlette(
+        routes=[
+            Route("/model_info", model_info, methods=["GET"]),
+            Route("/request-params", request_params, methods=["GET"]),
+        ]
+    )
+    app.state.service = None
+    return app
