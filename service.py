@@ -19,7 +19,11 @@ REGISTRY = load_registry_or_exit(SETTINGS)
 GET_ROUTES = build_get_routes()
 
 ModelRunner = bentoml.service(**runner_config(SETTINGS))(
-    type("ModelRunner", (ModelRunnerBase,), {"registry": REGISTRY, **bento_model_attributes(REGISTRY)})
+    type(
+        "ModelRunner",
+        (ModelRunnerBase,),
+        {"registry": REGISTRY, **bento_model_attributes(REGISTRY)},
+    )
 )
 SegmentationService = bentoml.service(**segmentation_config(SETTINGS))(
     type(

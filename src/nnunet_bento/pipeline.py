@@ -16,10 +16,12 @@ from .io.images import (
     image_file_in,
     image_like,
     read_image,
+    resample_mask_onto,
     segmentation_dtype,
     to_nnunet_input,
 )
 from .io.staging import OutputStaging
+from .postprocess import PostprocessSettings, postprocess
 from .registry import RegisteredModel, Registry, metadata_content
 from .request import (
     InferenceRequest,
@@ -30,7 +32,7 @@ from .request import (
 )
 from .runners.protocol import PredictionJob, PredictionResult, Predictor
 
-NOT_YET_SUPPORTED = ("class_idx", "min_confidence", "intersect_with", "crop_from")
+NOT_YET_SUPPORTED = ("crop_from",)
 
 
 @dataclass(frozen=True)
@@ -44,6 +46,20 @@ class Stage:
     @property
     def folder(self) -> str:
         return f"stage_{self.index}"
+
+    @property
+    def labels(self) -> tuple[int, ...]:
+        """The model's foreground label values; probabilities are indexed like this."""
+        return tuple(self.model.description.foreground_labels.values())
+
+
+@dataclass(frozen=True)
+class StageMasks:
+    """A stage's mask after post-processing, and the probability map to save (if asked)."""
+
+    segmentation: np.ndarray
+    probabilities: np.ndarray | None
+    labels: tuple[int, ...]
 
 
 def output_name(stem: str, suffix: str | None) -> str:
@@ -82,6 +98,12 @@ class SegmentationPipeline:
         if not Path(request.study_path).is_dir():
             raise InputNotFoundError(f"study_path {request.study_path} does not exist")
         for stage in stages:
+            unknown = set(stage.settings.class_idx or ()) - set(stage.labels)
+            if unknown:
+                raise RequestError(
+                    f"class_idx {sorted(unknown)} not among model {stage.model.id!r}'s labels "
+                    f"{stage.model.description.foreground_labels}"
+                )
             expected = stage.model.description.num_channels
             given = len(stage.settings.series_folders)
             if given != expected:
@@ -112,7 +134,12 @@ class SegmentationPipeline:
         return to_nnunet_input([read_image(path) for path in files])
 
     def predict(self, stage: Stage, image: NnunetInput) -> PredictionResult:
-        labels = tuple(stage.model.description.foreground_labels.values())
+        settings = stage.settings
+        needs_probabilities = (
+            settings.save_proba_map
+            or settings.min_confidence is not None
+            or (settings.class_idx is not None and settings.proba_threshold is not None)
+        )
         job = PredictionJob(
             model_id=stage.model.id,
             image=image.array,
@@ -120,20 +147,44 @@ class SegmentationPipeline:
             folds=tuple(stage.settings.use_folds),
             checkpoint_name=stage.settings.checkpoint_name,
             tta=stage.settings.tta,
-            probability_labels=labels if stage.settings.save_proba_map else None,
+            probability_labels=stage.labels if needs_probabilities else None,
         )
         return self.predictor.predict(job)
+
+    def postprocess(
+        self, request: InferenceRequest, stage: Stage, image: NnunetInput, result: PredictionResult
+    ) -> StageMasks:
+        settings = stage.settings
+        reference = None
+        if settings.intersect_with:
+            mask_path = image_file_in(Path(request.study_path) / settings.intersect_with)
+            reference = sitk.GetArrayFromImage(
+                resample_mask_onto(read_image(mask_path), image.reference)
+            )
+        segmentation, probabilities, labels = postprocess(
+            result.segmentation,
+            result.probabilities,
+            stage.labels,
+            PostprocessSettings(
+                class_idx=tuple(settings.class_idx) if settings.class_idx else None,
+                proba_threshold=settings.proba_threshold,
+                min_confidence=settings.min_confidence,
+                min_intersection=settings.min_intersection,
+            ),
+            reference,
+        )
+        return StageMasks(segmentation, probabilities if settings.save_proba_map else None, labels)
 
     def export(
         self,
         request: InferenceRequest,
         stage: Stage,
         image: NnunetInput,
-        result: PredictionResult,
+        masks: StageMasks,
         staging: OutputStaging,
     ) -> StageOutputs:
         suffix = request.suffix
-        segmentation = result.segmentation.astype(segmentation_dtype(result.segmentation))
+        segmentation = masks.segmentation.astype(segmentation_dtype(masks.segmentation))
         prediction = f"{stage.folder}/{output_name('prediction', suffix)}"
         write_image(image_like(segmentation, image.reference), staging.path(prediction))
         outputs = StageOutputs(
@@ -142,12 +193,9 @@ class SegmentationPipeline:
             is_empty=not segmentation.any(),
             nifti_prediction=str(staging.final_path(prediction)),
         )
-        if result.probabilities is not None:
+        if masks.probabilities is not None:
             proba = f"{stage.folder}/{output_name('proba', suffix)}"
-            write_image(
-                probability_image(result.probabilities, stage.settings.proba_threshold, image),
-                staging.path(proba),
-            )
+            write_image(probability_image(masks.probabilities, image), staging.path(proba))
             outputs.nifti_proba = str(staging.final_path(proba))
         if request.save_nifti_inputs:
             for channel in range(image.array.shape[0]):
@@ -169,8 +217,10 @@ class SegmentationPipeline:
                     image = self.read(request, stage)
                 with timings.step("predict"):
                     results.append(self.predict(stage, image))
+                with timings.step("postprocess"):
+                    masks = self.postprocess(request, stage, image, results[-1])
                 with timings.step("export"):
-                    stage_outputs.append(self.export(request, stage, image, results[-1], staging))
+                    stage_outputs.append(self.export(request, stage, image, masks, staging))
         paths = [stage.model.source for stage in stages]
         metadata = [metadata_content(stage.model.entry) for stage in stages]
         return InferenceResponse(
@@ -188,14 +238,9 @@ class SegmentationPipeline:
         )
 
 
-def probability_image(
-    probabilities: np.ndarray, threshold: float | None, image: NnunetInput
-) -> sitk.Image:
-    """Probabilities below the threshold set to 0; one label: 3D, several: 4D (label last)."""
-    values = probabilities.astype(np.float32)
-    if threshold is not None:
-        values[values < threshold] = 0
-    volumes = [image_like(volume, image.reference) for volume in values]
+def probability_image(probabilities: np.ndarray, image: NnunetInput) -> sitk.Image:
+    """One label: a 3D float32 image; several: 4D, the labels along the last axis."""
+    volumes = [image_like(volume.astype(np.float32), image.reference) for volume in probabilities]
     return volumes[0] if len(volumes) == 1 else sitk.JoinSeries(volumes)
 
 

@@ -103,7 +103,11 @@ def resolve_entry(spec: ServeSpec, entry: ModelEntry) -> RegisteredModel:
         source = f"{store_metadata.get('nnunet_id', entry.id)}:{folder.name}"
     elif entry.rel_path:
         assert spec.model_folder is not None
-        folder, store_metadata, source = find_rel_path(spec.model_folder, entry.rel_path), {}, entry.rel_path
+        folder, store_metadata, source = (
+            find_rel_path(spec.model_folder, entry.rel_path),
+            {},
+            entry.rel_path,
+        )
     else:
         raise ModelFolderError(
             f"TotalSegmentator task {entry.totalseg_task!r} is not supported by this version"

@@ -49,20 +49,20 @@ class InferenceRequest(BaseModel):
     use_folds: list[FoldId] | list[list[FoldId] | None] | None = Field(
         None, description="Folds to ensemble. Default: [0]."
     )
-    proba_threshold: float | None | list[float | None] = Field(
+    proba_threshold: float | list[float | None] | None = Field(
         None, description="Probabilities below this are set to 0 in the saved map."
     )
-    min_confidence: float | None | list[float | None] = Field(
+    min_confidence: float | list[float | None] | None = Field(
         None, description="Remove components whose maximum probability is below this."
     )
-    intersect_with: str | None | list[str | None] = Field(
+    intersect_with: str | list[str | None] | None = Field(
         None, description="Mask that candidate components must overlap (see min_intersection)."
     )
     min_intersection: float | list[float | None] | None = Field(
-        None, description="Least fraction of a component's voxels inside intersect_with. "
-        "Default: 0.1."
+        None,
+        description="Least fraction of a component's voxels inside intersect_with. Default: 0.1.",
     )
-    crop_from: str | None | list[str | None] = Field(
+    crop_from: str | list[str | None] | None = Field(
         None, description="Mask whose bounding box (plus crop_padding) crops the inputs."
     )
     crop_padding: list[int] | list[list[int] | None] | None = Field(

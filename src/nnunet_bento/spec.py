@@ -18,7 +18,7 @@ class MetadataPath(BaseModel):
 
 
 class ModelEntry(BaseModel):
-    """One model of the registry, named by a Bento model tag, a rel_path or a TotalSegmentator task."""
+    """One registry model, named by a Bento model tag, a rel_path or a TotalSegmentator task."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -29,7 +29,9 @@ class ModelEntry(BaseModel):
     rel_path: str | None = Field(
         None, description="Path, or substring of a path, of the result folder under model_folder."
     )
-    totalseg_task: str | None = Field(None, description="TotalSegmentator task, e.g. total_fastest.")
+    totalseg_task: str | None = Field(
+        None, description="TotalSegmentator task, e.g. total_fastest."
+    )
     metadata: MetadataPath | dict[str, Any] | None = Field(
         None, description="DICOM export metadata: {path: template.json} or an inline object."
     )

@@ -42,7 +42,7 @@ def read_image(path: Path) -> sitk.Image:
 
 
 def resample_onto(image: sitk.Image, reference: sitk.Image) -> sitk.Image:
-    """Linear resampling of ``image`` onto the grid of ``reference``, in float32; same grid: as is."""
+    """Linear resampling of ``image`` onto ``reference``'s grid, in float32; same grid: as is."""
     if (
         image.GetSize() == reference.GetSize()
         and np.allclose(image.GetSpacing(), reference.GetSpacing())
@@ -51,6 +51,11 @@ def resample_onto(image: sitk.Image, reference: sitk.Image) -> sitk.Image:
     ):
         return image
     return sitk.Resample(image, reference, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkFloat32)
+
+
+def resample_mask_onto(mask: sitk.Image, reference: sitk.Image) -> sitk.Image:
+    """Nearest-neighbour resampling of a label mask onto the grid of ``reference``."""
+    return sitk.Resample(mask, reference, sitk.Transform(), sitk.sitkNearestNeighbor, 0)
 
 
 @dataclass

@@ -29,7 +29,9 @@ class RunnerModel:
     min_mem_mib: int = 0
 
 
-def load_predictor(folder: Path, folds: tuple[int | str, ...], checkpoint: str, tta: bool, device: str):
+def load_predictor(
+    folder: Path, folds: tuple[int | str, ...], checkpoint: str, tta: bool, device: str
+):
     """An initialised nnUNetPredictor, exactly as nnU-Net builds one, with our trainer lookup."""
     import torch
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
@@ -71,7 +73,9 @@ class RunnerSet:
         for fold in job.folds:
             if job.checkpoint_name not in description.checkpoints.get(str(fold), []):
                 available = ", ".join(
-                    f"fold_{f}/{name}" for f, names in description.checkpoints.items() for name in names
+                    f"fold_{f}/{name}"
+                    for f, names in description.checkpoints.items()
+                    for name in names
                 )
                 raise RequestError(
                     f"model {job.model_id!r} has no fold_{fold}/{job.checkpoint_name}; "
@@ -110,7 +114,9 @@ class RunnerSet:
         image = job.image.astype(np.float32, copy=False)
         properties = copy.deepcopy(job.properties)
         want_probabilities = job.probability_labels is not None
-        output = predictor.predict_single_npy_array(image, properties, None, None, want_probabilities)
+        output = predictor.predict_single_npy_array(
+            image, properties, None, None, want_probabilities
+        )
         if want_probabilities:
             segmentation, probabilities = output
             probabilities = probabilities[list(job.probability_labels)].astype(np.float16)

@@ -52,7 +52,10 @@ WIRE_TYPES = {cls.__name__: cls for cls in (PredictionJob, PredictionResult, Run
 
 def to_wire(message: PredictionJob | PredictionResult | RunnerFailure) -> dict[str, Any]:
     """A shallow dict (arrays untouched) that BentoML's pickle transport keeps as it is."""
-    return {"kind": type(message).__name__, **{f.name: getattr(message, f.name) for f in fields(message)}}
+    return {
+        "kind": type(message).__name__,
+        **{f.name: getattr(message, f.name) for f in fields(message)},
+    }
 
 
 def from_wire(payload: dict[str, Any]) -> PredictionJob | PredictionResult | RunnerFailure:

@@ -15,6 +15,7 @@ from pathlib import Path
 import nnunetv2
 
 TRAINER_PACKAGE = "nnunetv2.training.nnUNetTrainer"
+EXTERNAL_TRAINERS_VARIABLE = "nnUNet_extTrainer"
 
 
 def _defining_files(root: Path, class_name: str) -> list[Path]:
@@ -32,9 +33,8 @@ def find_trainer_class(trainer_name: str) -> type:
     search_roots: list[tuple[Path, str | None]] = [
         (Path(nnunetv2.__path__[0]) / "training" / "nnUNetTrainer", TRAINER_PACKAGE)
     ]
-    search_roots += [
-        (Path(p), None) for p in os.environ.get("nnUNet_extTrainer", "").split(os.pathsep) if p
-    ]
+    external = os.environ.get(EXTERNAL_TRAINERS_VARIABLE, "")
+    search_roots += [(Path(p), None) for p in external.split(os.pathsep) if p]
     for root, package in search_roots:
         for file in _defining_files(root, trainer_name):
             if package is None and str(root) not in sys.path:
