@@ -33,7 +33,9 @@ class ModelEntry(BaseModel):
         None, description="TotalSegmentator task, e.g. total_fastest."
     )
     metadata: MetadataPath | dict[str, Any] | None = Field(
-        None, description="DICOM export metadata: {path: template.json} or an inline object."
+        None,
+        union_mode="left_to_right",
+        description="DICOM export metadata: {path: template.json} or an inline object.",
     )
     min_mem: int = Field(0, ge=0, description="Free GPU memory (MiB) needed before a run starts.")
     default_args: dict[str, Any] = Field(
