@@ -68,7 +68,7 @@ def test_unknown_default_arg_is_a_start_up_error(tmp_path, demo_model_dirs):
         "model_folder": str(demo_model_dirs["organ"].parent),
         "models": [{"id": "organ", "rel_path": "organ", "default_args": {"use_fold": [0]}}],
     }
-    with pytest.raises(SpecError, match="model 'organ', field 'default_args': unknown .* use_fold"):
+    with pytest.raises(SpecError, match=r"model 'organ', field 'default_args': unknown .*use_fold"):
         build_registry(load_spec(write_spec(tmp_path, document)))
 
 
@@ -84,7 +84,7 @@ def test_badly_typed_default_arg_is_a_start_up_error(tmp_path, demo_model_dirs):
 def test_tag_missing_from_the_store_says_how_to_import_it(tmp_path):
     spec_path = write_spec(tmp_path, {"models": [{"id": "ghost", "tag": "ghost-model:latest"}]})
     with pytest.raises(
-        SpecError, match="model 'ghost': Bento model ghost-model:latest .* import-model"
+        SpecError, match=r"model 'ghost': Bento model ghost-model:latest .* import-model"
     ):
         build_registry(load_spec(spec_path))
 
@@ -94,7 +94,7 @@ def test_missing_metadata_template_is_a_start_up_error(tmp_path, demo_model_dirs
         "model_folder": str(demo_model_dirs["organ"].parent),
         "models": [{"id": "organ", "rel_path": "organ", "metadata": {"path": "nope.json"}}],
     }
-    with pytest.raises(SpecError, match="field 'metadata.path': .*nope.json does not exist"):
+    with pytest.raises(SpecError, match=r"field 'metadata.path': .*nope.json does not exist"):
         build_registry(load_spec(write_spec(tmp_path, document)))
 
 

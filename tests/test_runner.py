@@ -1,0 +1,83 @@
+"""The in-process runner: trainer variants, the warm predictor cache, job checks."""
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from nnunet_bento.errors import RequestError
+from nnunet_bento.io.images import image_file_in, read_image, to_nnunet_input
+from nnunet_bento.runners.device import DeviceSelector
+from nnunet_bento.runners.nnunet_runner import RunnerModel, RunnerSet
+from nnunet_bento.runners.protocol import PredictionJob
+from nnunet_bento.runners.trainer_lookup import find_trainer_class
+
+
+@pytest.fixture(scope="module")
+def t2_input(demo_study):
+    return to_nnunet_input([read_image(image_file_in(demo_study / "T2"))])
+
+
+def runner_set(demo_model_dirs, cache_size=4) -> RunnerSet:
+    models = {name: RunnerModel(folder) for name, folder in demo_model_dirs.items()}
+    return RunnerSet(models, DeviceSelector(None, wait_s=0), cache_size)
+
+
+def job(model_id, image, **settings) -> PredictionJob:
+    values = {"folds": (0,), "checkpoint_name": "checkpoint_final.pth", "tta": False, **settings}
+    return PredictionJob(model_id, image.array, image.properties, **values)
+
+
+def test_trainer_variant_is_found_without_importing_other_trainer_modules():
+    code = (
+        "import sys\n"
+        "from nnunet_bento.runners.trainer_lookup import find_trainer_class\n"
+        "cls = find_trainer_class('nnUNetTrainerNoMirroring')\n"
+        "assert cls.__name__ == 'nnUNetTrainerNoMirroring'\n"
+        "assert 'torchvision' not in sys.modules\n"
+        "assert not any('primus' in m.lower() for m in sys.modules)\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_unknown_trainer_names_where_it_looked():
+    with pytest.raises(LookupError, match=r"nnUNetTrainerDoesNotExist.*nnUNet_extTrainer"):
+        find_trainer_class("nnUNetTrainerDoesNotExist")
+
+
+def test_model_trained_by_a_variant_predicts(demo_model_dirs, t2_input):
+    result = runner_set(demo_model_dirs).predict(job("organ_nomirror", t2_input))
+    assert set(np.unique(result.segmentation)) == {0, 1, 2}
+    assert result.device == "cpu" and result.gpu is None
+
+
+def test_predictors_stay_warm_and_the_cache_is_bounded(demo_model_dirs, t2_input):
+    runners = runner_set(demo_model_dirs, cache_size=2)
+    first = job("organ2d", t2_input)
+    runners.predict(first)
+    warm = runners.predictor(first, "cpu")
+    runners.predict(first)
+    assert runners.predictor(first, "cpu") is warm
+    runners.predict(job("organ2d", t2_input, tta=True))
+    runners.predict(job("organ", t2_input, folds=(0, 1)))
+    assert runners.cached_keys == [
+        ("organ2d", (0,), "checkpoint_final.pth", True, "cpu"),
+        ("organ", (0, 1), "checkpoint_final.pth", False, "cpu"),
+    ]
+
+
+def test_probabilities_come_back_as_float16_for_the_asked_labels(demo_model_dirs, t2_input):
+    result = runner_set(demo_model_dirs).predict(job("organ2d", t2_input, probability_labels=(2,)))
+    assert result.probabilities.dtype == np.float16
+    assert result.probabilities.shape == (1, *t2_input.array.shape[1:])
+
+
+def test_a_missing_fold_names_what_is_available(demo_model_dirs, t2_input):
+    with pytest.raises(RequestError, match=r"no fold_3/checkpoint_final.pth; available: fold_0/"):
+        runner_set(demo_model_dirs).predict(job("organ", t2_input, folds=(0, 3)))
+
+
+def test_a_wrong_channel_count_is_refused(demo_model_dirs, t2_input):
+    with pytest.raises(RequestError, match=r"takes 2 channel\(s\) \(T2, ADC\); got 1"):
+        runner_set(demo_model_dirs).predict(job("lesion", t2_input))
