@@ -419,6 +419,8 @@ def export_model(spec: ModelSpec, results: Path, models: Path) -> Path:
         checkpoint["trainer_name"] = spec.trainer
         checkpoint.pop("optimizer_state")
         checkpoint.pop("grad_scaler_state")
+        for key in ("epoch_start_timestamps", "epoch_end_timestamps"):  # keep reruns byte-identical
+            checkpoint["logging"].pop(key)
         (dest / f"fold_{fold}").mkdir()
         torch.save(checkpoint, dest / f"fold_{fold}" / "checkpoint_final.pth")
     return dest
