@@ -110,7 +110,7 @@ def write_image_series(
     values = sitk.GetArrayFromImage(image).astype(np.float64)
     stored = np.round((values - identity.rescale_intercept) / identity.rescale_slope)
     pixels = np.clip(stored, -32768, 32767).astype(np.int16)
-    order = file_order or list(range(pixels.shape[0]))
+    order = list(range(pixels.shape[0])) if file_order is None else [int(i) for i in file_order]
     paths = []
     for file_index, slice_index in enumerate(order):
         path = folder / f"IM{file_index:04d}.dcm"
