@@ -1,9 +1,13 @@
 """The registry file: validation at start-up, errors that name the model and the field."""
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import yaml
+from conftest import REPO
 
 from nnunet_bento.errors import SpecError
 from nnunet_bento.registry import build_registry
@@ -106,3 +110,21 @@ def test_missing_spec_file_names_the_variable(tmp_path):
 def test_model_serve_spec_variable_names_the_file(monkeypatch, tmp_path):
     monkeypatch.setenv("MODEL_SERVE_SPEC", str(tmp_path / "other.yaml"))
     assert load_settings().model_serve_spec == tmp_path / "other.yaml"
+
+
+def test_a_spec_error_stops_bentoml_serve_with_one_line(tmp_path):
+    spec_path = write_spec(tmp_path, {"models": [{"id": "organ", "tag": "organ:1", "min_mem": -1}]})
+    completed = subprocess.run(
+        [sys.executable, "-m", "bentoml", "serve", "service:SegmentationService", "--port", "1"],
+        cwd=REPO,
+        env={**os.environ, "MODEL_SERVE_SPEC": str(spec_path)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert completed.returncode != 0
+    assert completed.stderr.strip().splitlines()[-1] == (
+        f"nnunet-bento cannot start: {spec_path}: model 'organ', field 'min_mem': "
+        "Input should be greater than or equal to 0"
+    )

@@ -6,7 +6,9 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from .errors import NnunetBentoError
+from .errors import NnunetBentoError, SpecError
+from .io.seg_metadata import validate_metadata
+from .spec import MetadataPath, load_spec
 from .store import import_model
 
 
@@ -14,6 +16,29 @@ def cmd_import_model(args: argparse.Namespace) -> None:
     result = import_model(Path(args.model_dir), args.id, args.name)
     state = "imported as" if result.created else "already in the model store as"
     print(f"{args.model_dir}: {state} {result.tag}")
+
+
+def metadata_problems(path: Path) -> list[str]:
+    """Problems of a DCMQI JSON template, or of every metadata object in a serve spec."""
+    if path.suffix.lower() not in (".yaml", ".yml"):
+        return [f"{path}: {problem}" for problem in validate_metadata(path)]
+    problems = []
+    for entry in load_spec(path).models:
+        for field, value in entry.metadata_fields().items():
+            if value is not None:
+                source = value.path if isinstance(value, MetadataPath) else value
+                problems += [
+                    f"{path}: model {entry.id!r}, field {field!r}: {problem}"
+                    for problem in validate_metadata(source)
+                ]
+    return problems
+
+
+def cmd_validate_metadata(args: argparse.Namespace) -> None:
+    problems = [problem for path in args.paths for problem in metadata_problems(Path(path))]
+    if problems:
+        raise SpecError(f"{len(problems)} problem(s): " + "; ".join(problems))
+    print(f"{', '.join(args.paths)}: valid DCMQI segmentation metadata")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -33,6 +58,15 @@ def build_parser() -> argparse.ArgumentParser:
     importer.add_argument("--name", help="user-facing name recorded with the model")
     importer.add_argument("--debug", action="store_true", help="print full tracebacks")
     importer.set_defaults(handler=cmd_import_model)
+    validator = commands.add_parser(
+        "validate-metadata",
+        help="check DCMQI metadata templates, or the metadata of a serve spec",
+        description="Check DCMQI JSON metadata templates, or every metadata object (template "
+        "paths and the inline form) of a model-serve-spec.yaml, against the DCMQI schema.",
+    )
+    validator.add_argument("paths", nargs="+", help="template .json files or spec .yaml files")
+    validator.add_argument("--debug", action="store_true", help="print full tracebacks")
+    validator.set_defaults(handler=cmd_validate_metadata)
     return parser
 
 

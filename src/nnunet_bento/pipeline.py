@@ -10,7 +10,10 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
+from .dicom_export import export_dicom
 from .errors import InputNotFoundError, RequestError
+from .io.dicom_series import read_dicom_series
+from .io.dicom_source import DicomSource
 from .io.images import (
     NnunetInput,
     image_file_in,
@@ -54,6 +57,14 @@ class Stage:
 
 
 @dataclass(frozen=True)
+class StageInput:
+    """What a stage read: the image stack for nnU-Net, and the DICOM series it came from."""
+
+    image: NnunetInput
+    dicom_source: DicomSource | None
+
+
+@dataclass(frozen=True)
 class StageMasks:
     """A stage's mask after post-processing, and the probability map to save (if asked)."""
 
@@ -62,9 +73,16 @@ class StageMasks:
     labels: tuple[int, ...]
 
 
-def output_name(stem: str, suffix: str | None) -> str:
+DICOM_OUTPUT_STEMS = {
+    "segmentation": "prediction",
+    "fractional_segmentation": "proba",
+    "struct": "struct",
+}
+
+
+def output_name(stem: str, suffix: str | None, extension: str = ".nii.gz") -> str:
     """``prediction.nii.gz`` or ``prediction_<suffix>.nii.gz``."""
-    return f"{stem}{'_' + suffix if suffix else ''}.nii.gz"
+    return f"{stem}{'_' + suffix if suffix else ''}{extension}"
 
 
 class Timings:
@@ -97,7 +115,10 @@ class SegmentationPipeline:
         self._reject_unsupported(request, stages)
         if not Path(request.study_path).is_dir():
             raise InputNotFoundError(f"study_path {request.study_path} does not exist")
+        if request.save_rt_struct_output and not request.is_dicom:
+            raise RequestError("save_rt_struct_output needs is_dicom: RT Struct refers to DICOM")
         for stage in stages:
+            self._check_dicom_export(request, stage)
             unknown = set(stage.settings.class_idx or ()) - set(stage.labels)
             if unknown:
                 raise RequestError(
@@ -119,8 +140,6 @@ class SegmentationPipeline:
         unsupported = [
             name for name in NOT_YET_SUPPORTED for stage in stages if getattr(stage.settings, name)
         ]
-        if request.is_dicom:
-            unsupported.append("is_dicom")
         if len(stages) > 1:
             unsupported.append("multi-model cascades")
         if unsupported:
@@ -128,10 +147,32 @@ class SegmentationPipeline:
                 f"not supported by this server version: {', '.join(dict.fromkeys(unsupported))}"
             )
 
-    def read(self, request: InferenceRequest, stage: Stage) -> NnunetInput:
+    @staticmethod
+    def _check_dicom_export(request: InferenceRequest, stage: Stage) -> None:
+        if not request.is_dicom:
+            return
+        if stage.model.seg_metadata is None:
+            raise RequestError(
+                f"model {stage.model.id!r} has no DICOM metadata: give its spec entry "
+                "metadata (a DCMQI template path or the inline form) to export DICOM"
+            )
+        settings = stage.settings
+        kept = settings.class_idx or stage.labels
+        if settings.save_proba_map and settings.fractional_as_segments and len(kept) != 1:
+            raise RequestError(
+                f"fractional_as_segments bins one probability map; model {stage.model.id!r} "
+                f"gives {len(kept)} labels {list(kept)}: select one with class_idx"
+            )
+
+    def read(self, request: InferenceRequest, stage: Stage) -> StageInput:
+        """The stage's series on the first series' grid, with the DICOM source if any."""
         study = Path(request.study_path)
-        files = [image_file_in(study / series) for series in stage.settings.series_folders]
-        return to_nnunet_input([read_image(path) for path in files])
+        folders = [study / series for series in stage.settings.series_folders]
+        if request.is_dicom:
+            sources = [read_dicom_series(folder) for folder in folders]
+            return StageInput(to_nnunet_input([s.image for s in sources]), sources[0])
+        images = [read_image(image_file_in(folder)) for folder in folders]
+        return StageInput(to_nnunet_input(images), None)
 
     def predict(self, stage: Stage, image: NnunetInput) -> PredictionResult:
         settings = stage.settings
@@ -179,11 +220,12 @@ class SegmentationPipeline:
         self,
         request: InferenceRequest,
         stage: Stage,
-        image: NnunetInput,
+        stage_input: StageInput,
         masks: StageMasks,
         staging: OutputStaging,
     ) -> StageOutputs:
         suffix = request.suffix
+        image = stage_input.image
         segmentation = masks.segmentation.astype(segmentation_dtype(masks.segmentation))
         prediction = f"{stage.folder}/{output_name('prediction', suffix)}"
         write_image(image_like(segmentation, image.reference), staging.path(prediction))
@@ -202,6 +244,24 @@ class SegmentationPipeline:
                 name = f"{stage.folder}/{output_name(f'volume_{channel:04d}', suffix)}"
                 write_image(image_like(image.array[channel], image.reference), staging.path(name))
                 outputs.nifti_inputs.append(str(staging.final_path(name)))
+        if stage_input.dicom_source is not None:
+            dicom = export_dicom(
+                stage.model,
+                stage.settings,
+                stage_input.dicom_source,
+                segmentation,
+                masks.probabilities,
+                masks.labels,
+                staging,
+                {
+                    kind: f"{stage.folder}/{output_name(stem, suffix, '.dcm')}"
+                    for kind, stem in DICOM_OUTPUT_STEMS.items()
+                },
+                rt_struct=request.save_rt_struct_output,
+            )
+            outputs.dicom_segmentation = dicom.segmentation
+            outputs.dicom_fractional_segmentation = dicom.fractional_segmentation
+            outputs.dicom_struct = dicom.struct
         return outputs
 
     def run(self, request: InferenceRequest) -> InferenceResponse:
@@ -214,13 +274,13 @@ class SegmentationPipeline:
         with OutputStaging(Path(request.output_dir)) as staging:
             for stage in stages:
                 with timings.step("read"):
-                    image = self.read(request, stage)
+                    stage_input = self.read(request, stage)
                 with timings.step("predict"):
-                    results.append(self.predict(stage, image))
+                    results.append(self.predict(stage, stage_input.image))
                 with timings.step("postprocess"):
-                    masks = self.postprocess(request, stage, image, results[-1])
+                    masks = self.postprocess(request, stage, stage_input.image, results[-1])
                 with timings.step("export"):
-                    stage_outputs.append(self.export(request, stage, image, masks, staging))
+                    stage_outputs.append(self.export(request, stage, stage_input, masks, staging))
         paths = [stage.model.source for stage in stages]
         metadata = [metadata_content(stage.model.entry) for stage in stages]
         return InferenceResponse(
@@ -234,6 +294,15 @@ class SegmentationPipeline:
             nifti_prediction=[o.nifti_prediction for o in stage_outputs],
             nifti_proba=[o.nifti_proba for o in stage_outputs if o.nifti_proba],
             nifti_inputs=[path for o in stage_outputs for path in o.nifti_inputs],
+            dicom_segmentation=[
+                o.dicom_segmentation for o in stage_outputs if o.dicom_segmentation
+            ],
+            dicom_fractional_segmentation=[
+                o.dicom_fractional_segmentation
+                for o in stage_outputs
+                if o.dicom_fractional_segmentation
+            ],
+            dicom_struct=[o.dicom_struct for o in stage_outputs if o.dicom_struct],
             stages=stage_outputs,
         )
 

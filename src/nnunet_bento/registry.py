@@ -9,6 +9,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from .errors import ModelFolderError, RequestError, SpecError
+from .io.seg_metadata import MetadataError, SegmentationMetadata, load_metadata
 from .model_folder import ModelDescription, describe_model_folder
 from .request import PER_MODEL_FIELDS, InferenceRequest, StageSettings, format_validation_error
 from .spec import MetadataPath, ModelEntry, ServeSpec
@@ -26,6 +27,19 @@ class RegisteredModel:
     source: str
     description: ModelDescription
     store_metadata: dict[str, Any] = field(default_factory=dict)
+    dicom_metadata: dict[str, SegmentationMetadata | None] = field(default_factory=dict)
+
+    @property
+    def seg_metadata(self) -> SegmentationMetadata | None:
+        return self.dicom_metadata.get("metadata")
+
+    @property
+    def fractional_metadata(self) -> SegmentationMetadata | None:
+        return self.dicom_metadata.get("fractional_metadata") or self.seg_metadata
+
+    @property
+    def empty_metadata(self) -> SegmentationMetadata | None:
+        return self.dicom_metadata.get("empty_segment_metadata")
 
     @property
     def id(self) -> str:
@@ -57,6 +71,33 @@ def metadata_content(entry: ModelEntry) -> dict[str, Any] | None:
     if isinstance(entry.metadata, MetadataPath):
         return json.loads(entry.metadata.path.read_text())
     return entry.metadata
+
+
+def load_dicom_metadata(
+    entry: ModelEntry, description: ModelDescription
+) -> dict[str, SegmentationMetadata | None]:
+    """Validate the entry's DICOM metadata now; a problem is a SpecError naming the field."""
+    loaded: dict[str, SegmentationMetadata | None] = {}
+    for name, value in entry.metadata_fields().items():
+        if value is None:
+            loaded[name] = None
+            continue
+        source = value.path if isinstance(value, MetadataPath) else value
+        if isinstance(source, Path) and not source.is_file():
+            raise SpecError(f"model {entry.id!r}, field '{name}.path': {source} does not exist")
+        try:
+            loaded[name] = load_metadata(source)
+        except MetadataError as error:
+            raise SpecError(f"model {entry.id!r}, field {name!r}: {error}") from None
+    metadata = loaded["metadata"]
+    if metadata is not None:
+        missing = set(description.foreground_labels.values()) - set(metadata.label_ids)
+        if missing:
+            raise SpecError(
+                f"model {entry.id!r}, field 'metadata': no segment for label(s) "
+                f"{sorted(missing)} of the model's {description.foreground_labels}"
+            )
+    return loaded
 
 
 def find_rel_path(model_folder: Path, rel_path: str) -> Path:
@@ -112,7 +153,10 @@ def resolve_entry(spec: ServeSpec, entry: ModelEntry) -> RegisteredModel:
         raise ModelFolderError(
             f"TotalSegmentator task {entry.totalseg_task!r} is not supported by this version"
         )
-    return RegisteredModel(entry, folder, source, describe_model_folder(folder), store_metadata)
+    description = describe_model_folder(folder)
+    return RegisteredModel(
+        entry, folder, source, description, store_metadata, load_dicom_metadata(entry, description)
+    )
 
 
 class Registry:
@@ -144,10 +188,6 @@ def build_registry(spec: ServeSpec) -> Registry:
     models, disabled = [], {}
     for entry in spec.models:
         check_default_args(entry)
-        if isinstance(entry.metadata, MetadataPath) and not entry.metadata.path.is_file():
-            raise SpecError(
-                f"model {entry.id!r}, field 'metadata.path': {entry.metadata.path} does not exist"
-            )
         try:
             models.append(resolve_entry(spec, entry))
         except ModelFolderError as error:

@@ -8,6 +8,7 @@ from .errors import RequestError
 
 FoldId = int | str
 CascadeMode = Literal["intersect", "crop"]
+SegmentationType = Literal["binary", "labelmap"]
 
 
 class InferenceRequest(BaseModel):
@@ -74,6 +75,20 @@ class InferenceRequest(BaseModel):
     save_proba_map: bool | list[bool | None] | None = Field(
         None, description="Export probability maps; needs proba_threshold. Default: false."
     )
+    segmentation_type: SegmentationType | list[SegmentationType | None] | None = Field(
+        None,
+        description="DICOM-SEG of the mask: binary (one frame per segment and slice) or "
+        "labelmap (the Label Map Segmentation SOP class). Default: binary.",
+    )
+    lossless_compression: bool | list[bool | None] | None = Field(
+        None, description="Compress the DICOM-SEG losslessly. Default: false."
+    )
+    fractional_as_segments: bool | list[bool | None] | None = Field(
+        None,
+        description="Write the probability map as a categorical SEG of probability bins (one "
+        "segment per bin of the fractional template) instead of a FRACTIONAL SEG. "
+        "Default: false.",
+    )
     save_nifti_inputs: bool = Field(False, description="Export the input volumes as NIfTI.")
     save_rt_struct_output: bool = Field(False, description="Also export an RT Struct (DICOM).")
     suffix: str | None = Field(None, description="Appended to output names: prediction_<suffix>.")
@@ -111,6 +126,9 @@ class StageSettings(BaseModel):
     crop_from: str | None = None
     crop_padding: tuple[int, int, int] = (10, 10, 10)
     save_proba_map: bool = False
+    segmentation_type: SegmentationType = "binary"
+    lossless_compression: bool = False
+    fractional_as_segments: bool = False
 
     @field_validator("class_idx", mode="before")
     @classmethod
@@ -211,6 +229,9 @@ class StageOutputs(BaseModel):
     nifti_prediction: str
     nifti_proba: str | None = None
     nifti_inputs: list[str] = Field(default_factory=list)
+    dicom_segmentation: str | None = None
+    dicom_fractional_segmentation: str | None = None
+    dicom_struct: str | None = None
 
 
 class InferenceResponse(BaseModel):
@@ -227,4 +248,13 @@ class InferenceResponse(BaseModel):
     nifti_prediction: list[str]
     nifti_proba: list[str]
     nifti_inputs: list[str]
+    dicom_segmentation: list[str] = Field(
+        default_factory=list, description="DICOM-SEG per stage; none for an empty stage."
+    )
+    dicom_fractional_segmentation: list[str] = Field(
+        default_factory=list, description="Probability maps as DICOM-SEG (save_proba_map)."
+    )
+    dicom_struct: list[str] = Field(
+        default_factory=list, description="RT Struct per stage (save_rt_struct_output)."
+    )
     stages: list[StageOutputs]

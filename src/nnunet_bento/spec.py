@@ -37,6 +37,18 @@ class ModelEntry(BaseModel):
         union_mode="left_to_right",
         description="DICOM export metadata: {path: template.json} or an inline object.",
     )
+    fractional_metadata: MetadataPath | dict[str, Any] | None = Field(
+        None,
+        union_mode="left_to_right",
+        description="Metadata of the fractional SEG (and of its bins with "
+        "fractional_as_segments); defaults to metadata.",
+    )
+    empty_segment_metadata: MetadataPath | dict[str, Any] | None = Field(
+        None,
+        union_mode="left_to_right",
+        description="Metadata of the SEG written when a prediction is empty; without it, an "
+        "empty prediction writes no SEG.",
+    )
     min_mem: int = Field(0, ge=0, description="Free GPU memory (MiB) needed before a run starts.")
     default_args: dict[str, Any] = Field(
         default_factory=dict, description="Defaults for this model's request parameters."
@@ -51,6 +63,14 @@ class ModelEntry(BaseModel):
                 + (f" (found {', '.join(sources)})" if sources else "")
             )
         return self
+
+    def metadata_fields(self) -> dict[str, MetadataPath | dict[str, Any] | None]:
+        """The DICOM metadata fields of the entry, by field name."""
+        return {
+            "metadata": self.metadata,
+            "fractional_metadata": self.fractional_metadata,
+            "empty_segment_metadata": self.empty_segment_metadata,
+        }
 
     @property
     def names(self) -> list[str]:
@@ -124,6 +144,7 @@ def load_spec(path: Path) -> ServeSpec:
     if spec.model_folder is not None and not spec.model_folder.is_absolute():
         spec.model_folder = base / spec.model_folder
     for entry in spec.models:
-        if isinstance(entry.metadata, MetadataPath) and not entry.metadata.path.is_absolute():
-            entry.metadata.path = base / entry.metadata.path
+        for metadata in entry.metadata_fields().values():
+            if isinstance(metadata, MetadataPath) and not metadata.path.is_absolute():
+                metadata.path = base / metadata.path
     return spec

@@ -38,8 +38,10 @@ class OutputStaging:
         return self.output_dir / relative
 
     def commit(self) -> None:
-        """Move every staged file to its final name (each move is atomic)."""
+        """Move every file that was written to its final name (each move is atomic)."""
         for relative in self.relative_paths:
+            if not (self.staging_dir / relative).exists():
+                continue
             final = self.final_path(relative)
             final.parent.mkdir(parents=True, exist_ok=True)
             os.replace(self.staging_dir / relative, final)
