@@ -11,6 +11,7 @@ import numpy as np
 import pydicom
 import pytest
 import SimpleITK as sitk
+from dicom_checks import dciodvfy_errors, dcmqi_labels, highdicom_labels
 from pydicom.uid import RLELossless
 
 from nnunet_bento.errors import RequestError
@@ -124,16 +125,6 @@ def corner_mask() -> np.ndarray:
     return mask
 
 
-def dciodvfy_errors(path: Path) -> list[str]:
-    """dciodvfy's Error lines; a failing exit status with no Error and no Warning is one too."""
-    result = subprocess.run([TOOLS / "dciodvfy", path], capture_output=True, text=True)
-    lines = (result.stdout + result.stderr).splitlines()
-    errors = [line for line in lines if line.startswith("Error")]
-    if result.returncode != 0 and not any(line.startswith(("Error", "Warning")) for line in lines):
-        errors.append(f"dciodvfy exited with {result.returncode}: {result.stderr}")
-    return errors
-
-
 def test_dciodvfy_catches_a_broken_seg(axial: DicomSource, tmp_path: Path) -> None:
     path = tmp_path / "seg.dcm"
     write_label_segmentation(corner_mask(), axial, organ_metadata(), IDENTITY, path)
@@ -141,57 +132,6 @@ def test_dciodvfy_catches_a_broken_seg(axial: DicomSource, tmp_path: Path) -> No
     del seg.SegmentSequence[0].SegmentLabel
     seg.save_as(path)
     assert any("SegmentLabel" in error for error in dciodvfy_errors(path))
-
-
-def highdicom_labels(
-    path: Path, source: DicomSource, label_of: dict[str, int] = LABEL_OF
-) -> np.ndarray:
-    """The label volume highdicom reads from a BINARY or LABELMAP SEG, frame by source image.
-
-    Segment numbers become our labels through each segment's label: ``label_of``.
-    """
-    seg = hd.seg.segread(path)
-    numbers = seg.get_pixels_by_source_instance(
-        [ds.SOPInstanceUID for ds in source.datasets],
-        combine_segments=True,
-        assert_missing_frames_are_empty=True,
-    )
-    lookup = np.zeros(len(seg.SegmentSequence) + 1, np.uint8)
-    for item in seg.SegmentSequence:
-        if item.SegmentNumber != 0:
-            lookup[item.SegmentNumber] = label_of[item.SegmentLabel]
-    return lookup[numbers]
-
-
-def dcmqi_labels(
-    path: Path, source: DicomSource, out: Path, label_of: dict[str, int] = LABEL_OF
-) -> np.ndarray:
-    """The label volume dcmqi's segimage2itkimage reads, pasted onto the source grid.
-
-    Each image dcmqi writes must share the source's direction and spacing, and its origin must
-    lie on a source slice: the SEG is in the source's physical space.
-    """
-    out.mkdir()
-    subprocess.run(
-        [TOOLS / "segimage2itkimage", "--inputDICOM", path, "--outputDirectory", out],
-        check=True,
-        capture_output=True,
-    )
-    meta = json.loads((out / "meta.json").read_text())
-    labels = np.zeros(SHAPE, np.uint8)
-    for index, group in enumerate(meta["segmentAttributes"], start=1):
-        image = sitk.ReadImage(out / f"{index}.nrrd")
-        np.testing.assert_allclose(image.GetDirection(), source.image.GetDirection(), atol=1e-5)
-        np.testing.assert_allclose(image.GetSpacing(), source.image.GetSpacing(), rtol=1e-5)
-        start = source.image.TransformPhysicalPointToContinuousIndex(image.GetOrigin())
-        np.testing.assert_allclose(start, np.round(start), atol=1e-3)
-        x, y, z = (round(v) for v in start)
-        assert (x, y) == (0, 0)
-        values = sitk.GetArrayFromImage(image)
-        window = labels[z : z + values.shape[0]]
-        for segment in group:
-            window[values == segment["labelID"]] = label_of[segment["SegmentLabel"]]
-    return labels
 
 
 @pytest.mark.parametrize(
@@ -214,9 +154,9 @@ def test_label_seg_is_valid_and_reads_back_voxel_for_voxel(
     )
     assert written
     assert dciodvfy_errors(path) == []
-    from_highdicom = highdicom_labels(path, source)
+    from_highdicom = highdicom_labels(path, source, LABEL_OF)
     np.testing.assert_array_equal(from_highdicom, mask)
-    from_dcmqi = dcmqi_labels(path, source, tmp_path / "dcmqi")
+    from_dcmqi = dcmqi_labels(path, source, tmp_path / "dcmqi", LABEL_OF)
     np.testing.assert_array_equal(from_dcmqi, mask)
     assert (from_dcmqi[0:3, 0:6, 0:4] == 1).all()
     seg = pydicom.dcmread(path)
@@ -275,7 +215,7 @@ def test_empty_mask_writes_the_empty_template(axial: DicomSource, tmp_path: Path
         empty, axial, organ_metadata(), IDENTITY, path, empty_metadata=empty_metadata
     )
     assert dciodvfy_errors(path) == []
-    np.testing.assert_array_equal(highdicom_labels(path, axial), empty)
+    np.testing.assert_array_equal(highdicom_labels(path, axial, LABEL_OF), empty)
     seg = pydicom.dcmread(path)
     assert seg.SegmentationType == "BINARY"
     assert [item.SegmentLabel for item in seg.SegmentSequence] == ["lesion"]

@@ -251,3 +251,102 @@ def test_readyz_and_model_info_answer_while_an_inference_runs(served, study, tmp
     worker.join()
     assert answered >= 1, "the inference finished before /readyz and /model_info were asked"
     assert done["response"].status_code == 200
+
+
+def lesion_labels(served, study, out: Path, **fields) -> np.ndarray:
+    """Stage 1 (lesion) labels of an organ -> lesion cascade, or of lesion alone."""
+    cascade = {"nnunet_id": ["organ", "lesion"], "series_folders": [["T2"], ["T2", "ADC"]]}
+    body = {**cascade, "study_path": str(study), "output_dir": str(out), **fields}
+    response = served.client.infer(**body)
+    return sitk.GetArrayFromImage(sitk.ReadImage(response["nifti_prediction"][-1])), response
+
+
+@pytest.fixture(scope="module")
+def lesion_alone(served, study, tmp_path_factory) -> np.ndarray:
+    out = tmp_path_factory.mktemp("lesion-alone")
+    response = served.client.infer(
+        nnunet_id="lesion", study_path=str(study), series_folders=["T2", "ADC"], output_dir=str(out)
+    )
+    labels = sitk.GetArrayFromImage(sitk.ReadImage(response["nifti_prediction"][0]))
+    assert labels.any()
+    return labels
+
+
+def test_intersect_cascade_keeps_lesions_inside_the_organ(served, study, tmp_path, lesion_alone):
+    labels, response = lesion_labels(served, study, tmp_path / "a", cascade_mode="intersect")
+    assert [s["stage"] for s in response["stages"]] == [0, 1]
+    assert response["nifti_prediction"] == [
+        str(tmp_path / "a" / f"stage_{i}" / "prediction.nii.gz") for i in (0, 1)
+    ]
+    np.testing.assert_array_equal(labels, lesion_alone)
+    outside, _ = lesion_labels(
+        served, study, tmp_path / "b", cascade_mode="intersect", class_idx=[[2], None]
+    )
+    assert not outside.any(), "the lesion lies in the prostate, not in the bladder stage 0 kept"
+
+
+def test_crop_cascade_predicts_on_the_organ_box(served, study, tmp_path, lesion_alone):
+    labels, response = lesion_labels(served, study, tmp_path / "a", cascade_mode="crop")
+    changed = np.sum(labels != lesion_alone) / lesion_alone.sum()
+    assert changed <= 0.02, f"{changed:.1%} of lesion voxels differ from the full-volume run"
+    outside, response = lesion_labels(
+        served,
+        study,
+        tmp_path / "b",
+        cascade_mode="crop",
+        class_idx=[[2], None],
+        crop_padding=[0, 0, 0],
+    )
+    bladder = sitk.GetArrayFromImage(sitk.ReadImage(response["nifti_prediction"][0]))
+    box = tuple(slice(a.min(), a.max() + 1) for a in np.nonzero(bladder))
+    outside_box = np.ones_like(outside, dtype=bool)
+    outside_box[box] = False
+    assert not outside[outside_box].any(), "stage 1 predicted only inside stage 0's box"
+    assert not outside[lesion_alone > 0].any(), "the lesion lies outside the bladder's box"
+
+
+def test_a_stage_can_name_an_earlier_stage_and_modes_go_per_transition(
+    served, study, tmp_path, lesion_alone
+):
+    body = {
+        "nnunet_id": ["organ", "organ2d", "lesion"],
+        "series_folders": [["T2"], ["T2"], ["T2", "ADC"]],
+        "cascade_mode": ["crop", "intersect"],
+        "class_idx": [[1], [2], None],
+        "crop_from": [None, None, "stage_0"],
+        "crop_padding": [0, 0, 0],
+        "study_path": str(study),
+        "output_dir": str(tmp_path),
+    }
+    response = served.client.infer(**body)
+    labels = [sitk.GetArrayFromImage(sitk.ReadImage(p)) for p in response["nifti_prediction"]]
+    box = tuple(slice(a.min(), a.max() + 1) for a in np.nonzero(labels[0]))
+    inside = np.zeros(labels[0].shape, dtype=bool)
+    inside[box] = True
+    assert not labels[1][~inside].any(), "crop: stage 1 predicts inside stage 0's box only"
+    assert lesion_alone[inside].any() and not labels[2].any(), (
+        "stage 2 crops to stage_0 (the lesion is inside) but intersects with stage 1's "
+        "bladder voxels, which hold no lesion"
+    )
+    bad = post(served, {**body, "crop_from": [None, "stage_1", None]})
+    assert bad.status_code == 400
+    assert "crop_from 'stage_1' of stage 1 names a stage that has not run" in bad.json()["error"]
+
+
+def test_an_empty_crop_from_mask_is_a_400(served, study, tmp_path):
+    t2 = sitk.ReadImage(str(study / "T2" / "T2.nii.gz"))
+    empty = sitk.Image(t2.GetSize(), sitk.sitkUInt8)
+    empty.CopyInformation(t2)
+    sitk.WriteImage(empty, str(tmp_path / "empty.nii.gz"))
+    response = post(
+        served,
+        {
+            "nnunet_id": "lesion",
+            "study_path": str(study),
+            "series_folders": ["T2", "ADC"],
+            "output_dir": str(tmp_path / "out"),
+            "crop_from": str(tmp_path / "empty.nii.gz"),
+        },
+    )
+    assert response.status_code == 400
+    assert "is empty: there is nothing to crop to" in response.json()["error"]

@@ -56,18 +56,29 @@ def labels_of(path: str) -> np.ndarray:
     return sitk.GetArrayFromImage(sitk.ReadImage(path))
 
 
+def assert_rt_struct_matches(path: str, source, expected: np.ndarray) -> None:
+    """One ROI per organ label, each rasterised back by rt-utils with a Dice of 0.9 or more."""
+    masks = rtstruct_masks(Path(path), source)
+    assert set(masks) == set(ORGAN_LABELS)
+    for name, label in ORGAN_LABELS.items():
+        assert dice(masks[name], expected == label) >= 0.9, name
+
+
+def infer_ct(served, tmp_path: Path, **fields) -> dict:
+    """The organ model on the CT demo series."""
+    ct = {"nnunet_id": "organ", "study_path": str(DICOM / "ct"), "series_folders": ["CT"]}
+    return infer(served, tmp_path, **{**ct, **fields})
+
+
 def assert_valid(*paths: str) -> None:
     for path in paths:
         assert dciodvfy_errors(Path(path)) == [], path
 
 
 def test_ct_seg_fractional_and_rt_struct_are_valid_and_read_back(served, tmp_path):
-    response = infer(
+    response = infer_ct(
         served,
         tmp_path,
-        nnunet_id="organ",
-        study_path=str(DICOM / "ct"),
-        series_folders=["CT"],
         save_proba_map=True,
         proba_threshold=0.1,
         save_rt_struct_output=True,
@@ -92,19 +103,13 @@ def test_ct_seg_fractional_and_rt_struct_are_valid_and_read_back(served, tmp_pat
     )
     proba = sitk.GetArrayFromImage(sitk.ReadImage(response["nifti_proba"][0]))
     np.testing.assert_allclose(np.moveaxis(read, -1, 0), proba, atol=0.5 / 255 + 1e-6)
-    masks = rtstruct_masks(Path(struct_path), source)
-    assert set(masks) == set(ORGAN_LABELS)
-    for name, label in ORGAN_LABELS.items():
-        assert dice(masks[name], expected == label) >= 0.9, name
+    assert_rt_struct_matches(struct_path, source, expected)
 
 
 def test_every_output_references_its_source_and_names_the_model(served, tmp_path):
-    response = infer(
+    response = infer_ct(
         served,
         tmp_path,
-        nnunet_id="organ",
-        study_path=str(DICOM / "ct"),
-        series_folders=["CT"],
         save_rt_struct_output=True,
     )
     series_uid = read_dicom_series(DICOM / "ct" / "CT").series_instance_uid
@@ -167,18 +172,13 @@ def test_oblique_series_round_trips_in_its_own_space(served, tmp_path):
     np.testing.assert_array_equal(
         dcmqi_labels(Path(seg_path), source, tmp_path / "dcmqi", ORGAN_LABELS), expected
     )
-    masks = rtstruct_masks(Path(struct_path), source)
-    for name, label in ORGAN_LABELS.items():
-        assert dice(masks[name], expected == label) >= 0.9, name
+    assert_rt_struct_matches(struct_path, source, expected)
 
 
 def test_fractional_as_segments_bins_the_probability_map(served, tmp_path):
-    response = infer(
+    response = infer_ct(
         served,
         tmp_path,
-        nnunet_id="organ",
-        study_path=str(DICOM / "ct"),
-        series_folders=["CT"],
         class_idx=1,
         save_proba_map=True,
         proba_threshold=0.1,

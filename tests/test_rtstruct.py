@@ -1,20 +1,18 @@
 """RT Structure Set writer: valid DICOM, contours where the mask is, read back by rt-utils."""
 
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pydicom
 import pytest
 import SimpleITK as sitk
+from dicom_checks import dciodvfy_errors
 from rt_utils import RTStructBuilder
 
 from nnunet_bento.io.dicom_image_writer import SeriesIdentity, write_image_series
 from nnunet_bento.io.dicom_source import AlgorithmIdentity, DicomSource
 from nnunet_bento.io.rtstruct import write_rtstruct
 
-DCIODVFY = Path(sys.executable).parent / "dciodvfy"
 SHAPE = (24, 48, 48)
 SPACING = (1.25, 1.25, 2.5)
 IDENTITY = AlgorithmIdentity(
@@ -86,18 +84,10 @@ def _corner_blob(shape: tuple[int, ...]) -> np.ndarray:
     return mask
 
 
-def _dciodvfy_errors(path: Path) -> list[str]:
-    """The Error lines dciodvfy reports for ``path``."""
-    assert DCIODVFY.exists(), f"dciodvfy not found at {DCIODVFY} (install the dev extra)"
-    result = subprocess.run([str(DCIODVFY), str(path)], capture_output=True, text=True)
-    lines = (result.stdout + result.stderr).splitlines()
-    return [line for line in lines if line.startswith("Error")]
-
-
 def _write_valid(mask: np.ndarray, source: DicomSource, path: Path, **kwargs) -> pydicom.Dataset:
     """Write an RT Struct, check it passes dciodvfy, and read it."""
     assert write_rtstruct(mask, source, NAMES, IDENTITY, path, **kwargs)
-    assert _dciodvfy_errors(path) == []
+    assert dciodvfy_errors(path) == []
     return pydicom.dcmread(path)
 
 

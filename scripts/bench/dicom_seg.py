@@ -76,7 +76,12 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--workers", type=int, default=0, help="highdicom workers for RLE")
     args = parser.parse_args()
-    work = Path(tempfile.mkdtemp(prefix="bench-dicom-seg-"))
+    with tempfile.TemporaryDirectory(prefix="bench-dicom-seg-") as folder:
+        bench(Path(folder), args.repeats, args.workers)
+
+
+def bench(work: Path, repeats: int, workers: int) -> None:
+    """Write the inputs under ``work``, time the runs and print the figures."""
     source = ct_source(work / "series")
     mask = sphere_mask()
     metadata = SegmentationMetadata.from_inline(
@@ -97,7 +102,7 @@ def main() -> None:
             outputs[kind],
             segmentation_type=kind,
             compress=compress,
-            workers=args.workers,
+            workers=workers,
         )
 
     def dcmqi(skip: int) -> Callable[[], object]:
@@ -118,9 +123,9 @@ def main() -> None:
         "dcmqi --skip 1": dcmqi(1),
         "ours LABELMAP RLE": ours("labelmap", True),
     }
-    seconds = median_seconds(runs, args.repeats)
+    seconds = median_seconds(runs, repeats)
     sizes = {name: path.stat().st_size / 1e6 for name, path in outputs.items()}
-    print(f"{SHAPE[2]}x{SHAPE[1]}x{SHAPE[0]} series, 5 sphere labels, {args.repeats} repeats")
+    print(f"{SHAPE[2]}x{SHAPE[1]}x{SHAPE[0]} series, 5 sphere labels, {repeats} repeats")
     for name, value in seconds.items():
         print(f"  {name:<20} {value:6.2f} s")
     ratio = seconds["ours BINARY"] / seconds["dcmqi --skip 1"]

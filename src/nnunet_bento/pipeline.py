@@ -4,22 +4,23 @@ import time
 from collections import defaultdict
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
 
+from .cascade import bounding_box, check_stage_reference, paste, reference_mask
 from .dicom_export import export_dicom
 from .errors import InputNotFoundError, RequestError
 from .io.dicom_series import read_dicom_series
 from .io.dicom_source import DicomSource
 from .io.images import (
     NnunetInput,
+    crop_input,
     image_file_in,
     image_like,
     read_image,
-    resample_mask_onto,
     segmentation_dtype,
     to_nnunet_input,
 )
@@ -27,15 +28,15 @@ from .io.staging import OutputStaging
 from .postprocess import PostprocessSettings, postprocess
 from .registry import RegisteredModel, Registry, metadata_content
 from .request import (
+    CascadeMode,
     InferenceRequest,
     InferenceResponse,
     StageOutputs,
     StageSettings,
+    cascade_modes,
     merge_stage_settings,
 )
 from .runners.protocol import PredictionJob, PredictionResult, Predictor
-
-NOT_YET_SUPPORTED = ("crop_from",)
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,19 @@ class Stage:
     index: int
     model: RegisteredModel
     settings: StageSettings
+    cascade_mode: CascadeMode | None = None
+
+    def reference(self, field: str) -> str | None:
+        """The mask that limits this stage for ``field`` (intersect_with or crop_from).
+
+        The stage's own setting wins; else the previous stage's mask when the transition's
+        cascade_mode is the one the field stands for.
+        """
+        own = getattr(self.settings, field)
+        mode = {"intersect_with": "intersect", "crop_from": "crop"}[field]
+        if own is None and self.index > 0 and self.cascade_mode == mode:
+            return f"stage_{self.index - 1}"
+        return own
 
     @property
     def folder(self) -> str:
@@ -111,13 +125,18 @@ class SegmentationPipeline:
         """Resolve the models and merge their default_args into per-stage settings."""
         models = [self.registry.get(model_id) for model_id in request.model_ids]
         settings = merge_stage_settings(request, [m.entry.default_args for m in models])
-        stages = [Stage(i, m, s) for i, (m, s) in enumerate(zip(models, settings, strict=True))]
-        self._reject_unsupported(request, stages)
+        modes = [None, *cascade_modes(request)]
+        stages = [
+            Stage(i, m, s, mode)
+            for i, (m, s, mode) in enumerate(zip(models, settings, modes, strict=True))
+        ]
         if not Path(request.study_path).is_dir():
             raise InputNotFoundError(f"study_path {request.study_path} does not exist")
         if request.save_rt_struct_output and not request.is_dicom:
             raise RequestError("save_rt_struct_output needs is_dicom: RT Struct refers to DICOM")
         for stage in stages:
+            for field in ("intersect_with", "crop_from"):
+                check_stage_reference(field, getattr(stage.settings, field), stage.index)
             self._check_dicom_export(request, stage)
             unknown = set(stage.settings.class_idx or ()) - set(stage.labels)
             if unknown:
@@ -136,18 +155,6 @@ class SegmentationPipeline:
         return stages
 
     @staticmethod
-    def _reject_unsupported(request: InferenceRequest, stages: list[Stage]) -> None:
-        unsupported = [
-            name for name in NOT_YET_SUPPORTED for stage in stages if getattr(stage.settings, name)
-        ]
-        if len(stages) > 1:
-            unsupported.append("multi-model cascades")
-        if unsupported:
-            raise RequestError(
-                f"not supported by this server version: {', '.join(dict.fromkeys(unsupported))}"
-            )
-
-    @staticmethod
     def _check_dicom_export(request: InferenceRequest, stage: Stage) -> None:
         if not request.is_dicom:
             return
@@ -157,6 +164,11 @@ class SegmentationPipeline:
                 "metadata (a DCMQI template path or the inline form) to export DICOM"
             )
         settings = stage.settings
+        if settings.lossless_compression and settings.segmentation_type == "binary":
+            raise RequestError(
+                "lossless_compression needs segmentation_type labelmap: highdicom compresses "
+                "BINARY SEG only with JPEG 2000, which is not available"
+            )
         kept = settings.class_idx or stage.labels
         if settings.save_proba_map and settings.fractional_as_segments and len(kept) != 1:
             raise RequestError(
@@ -174,7 +186,43 @@ class SegmentationPipeline:
         images = [read_image(image_file_in(folder)) for folder in folders]
         return StageInput(to_nnunet_input(images), None)
 
-    def predict(self, stage: Stage, image: NnunetInput) -> PredictionResult:
+    def predict(
+        self, request: InferenceRequest, stage: Stage, image: NnunetInput, masks: list[sitk.Image]
+    ) -> PredictionResult:
+        """Run the model; with a crop reference, on the padded box around it, pasted back."""
+        crop_from = stage.reference("crop_from")
+        if crop_from is None:
+            return self._predict(stage, image)
+        crop_mask = reference_mask(crop_from, Path(request.study_path), masks, image.reference)
+        box = bounding_box(crop_mask, stage.settings.crop_padding)
+        if box is None:
+            if stage.settings.crop_from is not None:
+                raise RequestError(
+                    f"crop_from mask {crop_from!r} of stage {stage.index} is empty: there is "
+                    "nothing to crop to"
+                )
+            return self._nothing_to_predict(stage, image)
+        cropped = self._predict(stage, crop_input(image, box))
+        shape = image.array.shape[1:]
+        return replace(
+            cropped,
+            segmentation=paste(cropped.segmentation, box, shape),
+            probabilities=None
+            if cropped.probabilities is None
+            else paste(cropped.probabilities, box, shape),
+        )
+
+    def _nothing_to_predict(self, stage: Stage, image: NnunetInput) -> PredictionResult:
+        """The result of a cascade stage whose crop reference (the previous mask) is empty."""
+        shape = image.array.shape[1:]
+        return PredictionResult(
+            segmentation=np.zeros(shape, np.uint8),
+            probabilities=np.zeros((len(stage.labels), *shape), np.float16),
+            device="none",
+            seconds=0.0,
+        )
+
+    def _predict(self, stage: Stage, image: NnunetInput) -> PredictionResult:
         settings = stage.settings
         needs_probabilities = (
             settings.save_proba_map
@@ -193,15 +241,20 @@ class SegmentationPipeline:
         return self.predictor.predict(job)
 
     def postprocess(
-        self, request: InferenceRequest, stage: Stage, image: NnunetInput, result: PredictionResult
+        self,
+        request: InferenceRequest,
+        stage: Stage,
+        image: NnunetInput,
+        result: PredictionResult,
+        masks: list[sitk.Image],
     ) -> StageMasks:
         settings = stage.settings
-        reference = None
-        if settings.intersect_with:
-            mask_path = image_file_in(Path(request.study_path) / settings.intersect_with)
-            reference = sitk.GetArrayFromImage(
-                resample_mask_onto(read_image(mask_path), image.reference)
-            )
+        intersect_with = stage.reference("intersect_with")
+        reference = (
+            None
+            if intersect_with is None
+            else reference_mask(intersect_with, Path(request.study_path), masks, image.reference)
+        )
         segmentation, probabilities, labels = postprocess(
             result.segmentation,
             result.probabilities,
@@ -271,14 +324,17 @@ class SegmentationPipeline:
         stages = self.plan(request)
         results: list[PredictionResult] = []
         stage_outputs: list[StageOutputs] = []
+        stage_masks: list[sitk.Image] = []
         with OutputStaging(Path(request.output_dir)) as staging:
             for stage in stages:
                 with timings.step("read"):
                     stage_input = self.read(request, stage)
+                image = stage_input.image
                 with timings.step("predict"):
-                    results.append(self.predict(stage, stage_input.image))
+                    results.append(self.predict(request, stage, image, stage_masks))
                 with timings.step("postprocess"):
-                    masks = self.postprocess(request, stage, stage_input.image, results[-1])
+                    masks = self.postprocess(request, stage, image, results[-1], stage_masks)
+                stage_masks.append(image_like(masks.segmentation, image.reference))
                 with timings.step("export"):
                     stage_outputs.append(self.export(request, stage, stage_input, masks, staging))
         paths = [stage.model.source for stage in stages]

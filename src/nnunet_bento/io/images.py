@@ -84,15 +84,34 @@ def to_nnunet_input(channels: list[sitk.Image]) -> NnunetInput:
     else:
         raise RequestError(f"images must be 2D or 3D; got {arrays[0].ndim} dimensions")
     dtype = np.result_type(*arrays)
-    properties = {
+    properties = nnunet_properties(reference, nnunet_spacing)
+    return NnunetInput(np.concatenate(arrays).astype(dtype, copy=False), properties, reference)
+
+
+def nnunet_properties(reference: sitk.Image, nnunet_spacing: list[float]) -> dict[str, Any]:
+    """The properties dict nnU-Net's SimpleITKIO makes for an image on ``reference``'s grid."""
+    return {
         "sitk_stuff": {
-            "spacing": spacing,
+            "spacing": reference.GetSpacing(),
             "origin": reference.GetOrigin(),
             "direction": reference.GetDirection(),
         },
         "spacing": [abs(s) for s in nnunet_spacing],
     }
-    return NnunetInput(np.concatenate(arrays).astype(dtype, copy=False), properties, reference)
+
+
+def crop_input(image: NnunetInput, box: tuple[slice, slice, slice]) -> NnunetInput:
+    """The stack inside ``box`` (z, y, x slices), with the geometry of that region."""
+    z, y, x = box
+    size = [x.stop - x.start, y.stop - y.start, z.stop - z.start]
+    index = [x.start, y.start, z.start]
+    reference = image.reference
+    if reference.GetDimension() == 2:
+        size, index = size[:2], index[:2]
+    cropped = sitk.RegionOfInterest(reference, size, index)
+    return NnunetInput(
+        image.array[:, z, y, x], nnunet_properties(cropped, image.properties["spacing"]), cropped
+    )
 
 
 def image_like(array: np.ndarray, reference: sitk.Image) -> sitk.Image:
