@@ -267,3 +267,28 @@ def test_dicom_request_errors(served, tmp_path):
         assert response.json()["status"] == "failed"
         assert message in response.json()["error"], response.json()
     assert not (tmp_path / "out" / "stage_0").exists()
+
+
+def test_dicom_cascade_writes_a_seg_per_stage_referencing_its_own_series(served, tmp_path):
+    response = infer(
+        served,
+        tmp_path,
+        nnunet_id=["organ", "lesion"],
+        study_path=str(DICOM),
+        series_folders=[["mr/T2"], ["shuffled/T2", "mr/ADC"]],
+        cascade_mode="crop",
+    )
+    assert len(response["dicom_segmentation"]) == 2
+    read_by_stage = [DICOM / "mr" / "T2", DICOM / "shuffled" / "T2"]
+    for stage, path in enumerate(response["dicom_segmentation"]):
+        assert Path(path).parent.name == f"stage_{stage}"
+        assert_valid(path)
+        seg = pydicom.dcmread(path)
+        own_series = read_dicom_series(read_by_stage[stage]).series_instance_uid
+        assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == own_series
+    labels = {
+        item.SegmentLabel
+        for path in response["dicom_segmentation"]
+        for item in pydicom.dcmread(path).SegmentSequence
+    }
+    assert labels == {"prostate", "bladder", "lesion"}
