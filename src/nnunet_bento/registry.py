@@ -14,6 +14,7 @@ from .model_folder import ModelDescription, describe_model_folder
 from .request import PER_MODEL_FIELDS, InferenceRequest, StageSettings, format_validation_error
 from .spec import MetadataPath, ModelEntry, ServeSpec
 from .store import stored_model
+from .totalseg import parse_task, task_folder, task_metadata
 
 logger = logging.getLogger(__name__)
 
@@ -74,11 +75,16 @@ def metadata_content(entry: ModelEntry) -> dict[str, Any] | None:
 
 
 def load_dicom_metadata(
-    entry: ModelEntry, description: ModelDescription
+    entry: ModelEntry, description: ModelDescription, default: dict[str, Any] | None = None
 ) -> dict[str, SegmentationMetadata | None]:
-    """Validate the entry's DICOM metadata now; a problem is a SpecError naming the field."""
+    """Validate the entry's DICOM metadata now; a problem is a SpecError naming the field.
+
+    ``default`` stands in for an absent ``metadata`` (a TotalSegmentator task's own).
+    """
     loaded: dict[str, SegmentationMetadata | None] = {}
-    for name, value in entry.metadata_fields().items():
+    fields = entry.metadata_fields()
+    fields["metadata"] = fields["metadata"] or default
+    for name, value in fields.items():
         if value is None:
             loaded[name] = None
             continue
@@ -137,26 +143,39 @@ def check_default_args(entry: ModelEntry) -> None:
         ) from None
 
 
-def resolve_entry(spec: ServeSpec, entry: ModelEntry) -> RegisteredModel:
-    """Find an entry's result folder: in the Bento model store, or under model_folder."""
+def totalseg_weights_folder(spec: ServeSpec, totalseg_weights: Path | None) -> Path:
+    """TOTALSEG_WEIGHTS_PATH, else <model_folder>/totalseg."""
+    if totalseg_weights is not None:
+        return totalseg_weights
+    if spec.model_folder is None:
+        raise ModelFolderError("TotalSegmentator tasks need TOTALSEG_WEIGHTS_PATH or model_folder")
+    return spec.model_folder / "totalseg"
+
+
+def resolve_entry(
+    spec: ServeSpec, entry: ModelEntry, totalseg_weights: Path | None = None
+) -> RegisteredModel:
+    """Find an entry's result folder: in the Bento model store, under model_folder, or in
+    TotalSegmentator's weights folder."""
+    default_metadata = None
+    store_metadata: dict[str, Any] = {}
     if entry.tag:
         folder, store_metadata = stored_model(entry.tag)
         source = f"{store_metadata.get('nnunet_id', entry.id)}:{folder.name}"
     elif entry.rel_path:
         assert spec.model_folder is not None
-        folder, store_metadata, source = (
-            find_rel_path(spec.model_folder, entry.rel_path),
-            {},
-            entry.rel_path,
-        )
+        folder, source = find_rel_path(spec.model_folder, entry.rel_path), entry.rel_path
     else:
-        raise ModelFolderError(
-            f"TotalSegmentator task {entry.totalseg_task!r} is not supported by this version"
-        )
+        assert entry.totalseg_task is not None
+        try:
+            task = parse_task(entry.totalseg_task)
+        except SpecError as error:
+            raise SpecError(f"model {entry.id!r}, field 'totalseg_task': {error}") from None
+        folder = task_folder(task, totalseg_weights_folder(spec, totalseg_weights))
+        source, default_metadata = f"totalseg:{task.name}", task_metadata(task)
     description = describe_model_folder(folder)
-    return RegisteredModel(
-        entry, folder, source, description, store_metadata, load_dicom_metadata(entry, description)
-    )
+    metadata = load_dicom_metadata(entry, description, default_metadata)
+    return RegisteredModel(entry, folder, source, description, store_metadata, metadata)
 
 
 class Registry:
@@ -179,7 +198,7 @@ class Registry:
         )
 
 
-def build_registry(spec: ServeSpec) -> Registry:
+def build_registry(spec: ServeSpec, totalseg_weights: Path | None = None) -> Registry:
     """Resolve every entry; a broken entry stops start-up with one message naming it.
 
     TotalSegmentator entries whose weights are missing are disabled with a warning instead,
@@ -189,7 +208,7 @@ def build_registry(spec: ServeSpec) -> Registry:
     for entry in spec.models:
         check_default_args(entry)
         try:
-            models.append(resolve_entry(spec, entry))
+            models.append(resolve_entry(spec, entry, totalseg_weights))
         except ModelFolderError as error:
             if entry.totalseg_task:
                 logger.warning("model %r is disabled: %s", entry.id, error)

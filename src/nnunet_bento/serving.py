@@ -38,7 +38,7 @@ logger = logging.getLogger("nnunet_bento")
 def load_registry_or_exit(settings: ServeSettings) -> Registry:
     """The registry of the spec named by MODEL_SERVE_SPEC; a spec error stops start-up."""
     try:
-        return build_registry(load_spec(settings.model_serve_spec))
+        return build_registry(load_spec(settings.model_serve_spec), settings.totalseg_weights_path)
     except SpecError as error:
         sys.exit(f"nnunet-bento cannot start: {error}")
 

@@ -99,7 +99,7 @@ class ServeSpec(BaseModel):
                         f"{owners[name]!r}"
                     )
                 owners[name] = entry.id
-            if (entry.rel_path or entry.totalseg_task) and self.model_folder is None:
+            if entry.rel_path and self.model_folder is None:
                 raise ValueError(f"model {entry.id!r}: rel_path needs a top-level model_folder")
         return self
 
