@@ -1,6 +1,8 @@
 """/infer, /model_info and /request-params through a real `bentoml serve`."""
 
 import shutil
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -350,3 +352,49 @@ def test_an_empty_crop_from_mask_is_a_400(served, study, tmp_path):
     )
     assert response.status_code == 400
     assert "is empty: there is nothing to crop to" in response.json()["error"]
+
+
+def test_cli_predict_equals_infer_on_the_same_input(served, study, tmp_path):
+    response = served.client.infer(
+        nnunet_id="lesion",
+        study_path=str(study),
+        series_folders=["T2", "ADC"],
+        output_dir=str(tmp_path / "api"),
+        tta=True,
+        save_proba_map=True,
+        proba_threshold=0.05,
+    )
+    cli = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "nnunet_bento.cli",
+            "predict",
+            "-i",
+            str(study / "T2"),
+            str(study / "ADC"),
+            "-m",
+            str(REPO / "examples" / "models" / "lesion"),
+            "-o",
+            str(tmp_path / "cli"),
+            "-t",
+            "-p",
+            "--proba_threshold",
+            "0.05",
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert cli.returncode == 0, cli.stderr
+    pairs = [
+        (response["nifti_prediction"][0], "prediction.nii.gz"),
+        (response["nifti_proba"][0], "probabilities.nii.gz"),
+    ]
+    for api_file, cli_name in pairs:
+        api_image = sitk.ReadImage(api_file)
+        cli_image = sitk.ReadImage(str(tmp_path / "cli" / cli_name))
+        np.testing.assert_array_equal(
+            sitk.GetArrayFromImage(cli_image), sitk.GetArrayFromImage(api_image)
+        )
+        assert cli_image.GetOrigin() == api_image.GetOrigin()

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from .errors import NnunetBentoError, SpecError
 from .io.seg_metadata import validate_metadata
+from .predict_cli import add_predict_arguments, predict
 from .spec import MetadataPath, load_spec
 from .store import import_model
 
@@ -46,6 +47,16 @@ def build_parser() -> argparse.ArgumentParser:
         prog="nnunet-bento", description="Serve nnU-Net v2 models with BentoML."
     )
     commands = parser.add_subparsers(dest="command", required=True)
+    predictor = commands.add_parser(
+        "predict",
+        help="segment series in-process, as the seed's entrypoint-prod.py",
+        description="Run one nnU-Net model on the given series with the same pipeline as "
+        "/infer, without a server. Handles NIfTI/MHA/NRRD and DICOM inputs; writes "
+        "prediction.nii.gz, probabilities.nii.gz, volume_XXXX.nii.gz, prediction.dcm, "
+        "proba.dcm and struct.dcm in --output_dir.",
+    )
+    add_predict_arguments(predictor)
+    predictor.set_defaults(handler=predict)
     importer = commands.add_parser(
         "import-model",
         help="save an nnU-Net result folder in the Bento model store",
@@ -72,16 +83,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    handler: Callable[[argparse.Namespace], None] = args.handler
+    logging.basicConfig(level=logging.ERROR, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("nnunet_bento").setLevel(logging.INFO)
+    handler: Callable[[argparse.Namespace], int | None] = args.handler
     try:
-        handler(args)
+        return handler(args) or 0
     except NnunetBentoError as error:
         if args.debug:
             raise
         print(f"nnunet-bento {args.command}: error: {error}", file=sys.stderr)
         return 1
-    return 0
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 
 import time
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -61,10 +61,6 @@ class Stage:
         return own
 
     @property
-    def folder(self) -> str:
-        return f"stage_{self.index}"
-
-    @property
     def labels(self) -> tuple[int, ...]:
         """The model's foreground label values; probabilities are indexed like this."""
         return tuple(self.model.description.foreground_labels.values())
@@ -87,26 +83,57 @@ class StageMasks:
     labels: tuple[int, ...]
 
 
-DICOM_OUTPUT_STEMS = {
-    "segmentation": "prediction",
-    "fractional_segmentation": "proba",
-    "struct": "struct",
-}
+@dataclass(frozen=True)
+class OutputLayout:
+    """Output file names by kind, relative to output_dir: templates of {stage}, {suffix}
+    (``_<suffix>`` or nothing) and, for inputs, {channel}."""
+
+    templates: dict[str, str]
+
+    def path(self, kind: str, stage: int, suffix: str | None, channel: int = 0) -> str:
+        return self.templates[kind].format(
+            stage=stage, suffix=f"_{suffix}" if suffix else "", channel=channel
+        )
 
 
-def output_name(stem: str, suffix: str | None, extension: str = ".nii.gz") -> str:
-    """``prediction.nii.gz`` or ``prediction_<suffix>.nii.gz``."""
-    return f"{stem}{'_' + suffix if suffix else ''}{extension}"
+#: /infer: one folder per stage, the seed API's names.
+API_LAYOUT = OutputLayout(
+    {
+        "prediction": "stage_{stage}/prediction{suffix}.nii.gz",
+        "proba": "stage_{stage}/proba{suffix}.nii.gz",
+        "input": "stage_{stage}/volume_{channel:04d}{suffix}.nii.gz",
+        "segmentation": "stage_{stage}/prediction{suffix}.dcm",
+        "fractional_segmentation": "stage_{stage}/proba{suffix}.dcm",
+        "struct": "stage_{stage}/struct{suffix}.dcm",
+    }
+)
+#: The seed's command line: one model, files directly in output_dir, its names.
+CLI_LAYOUT = OutputLayout(
+    {
+        "prediction": "prediction{suffix}.nii.gz",
+        "proba": "probabilities{suffix}.nii.gz",
+        "input": "volume_{channel:04d}{suffix}.nii.gz",
+        "segmentation": "prediction{suffix}.dcm",
+        "fractional_segmentation": "proba{suffix}.dcm",
+        "struct": "struct{suffix}.dcm",
+    }
+)
+DICOM_KINDS = ("segmentation", "fractional_segmentation", "struct")
+StepCallback = Callable[[int, str], None]
+STEPS = ("read", "predict", "postprocess", "export")
 
 
 class Timings:
-    """Seconds spent per named step, summed over stages."""
+    """Seconds spent per named step, summed over stages; ``on_step`` hears each step start."""
 
-    def __init__(self) -> None:
+    def __init__(self, on_step: StepCallback | None = None) -> None:
         self.seconds: dict[str, float] = defaultdict(float)
+        self.on_step = on_step
 
     @contextmanager
-    def step(self, name: str) -> Iterator[None]:
+    def step(self, name: str, stage: int) -> Iterator[None]:
+        if self.on_step is not None:
+            self.on_step(stage, name)
         started = time.perf_counter()
         try:
             yield
@@ -117,9 +144,10 @@ class Timings:
 class SegmentationPipeline:
     """Runs /infer requests against a registry, handing model runs to a Predictor."""
 
-    def __init__(self, registry: Registry, predictor: Predictor):
+    def __init__(self, registry: Registry, predictor: Predictor, layout: OutputLayout = API_LAYOUT):
         self.registry = registry
         self.predictor = predictor
+        self.layout = layout
 
     def plan(self, request: InferenceRequest) -> list[Stage]:
         """Resolve the models and merge their default_args into per-stage settings."""
@@ -160,8 +188,8 @@ class SegmentationPipeline:
             return
         if stage.model.seg_metadata is None:
             raise RequestError(
-                f"model {stage.model.id!r} has no DICOM metadata: give its spec entry "
-                "metadata (a DCMQI template path or the inline form) to export DICOM"
+                f"model {stage.model.id!r} has no DICOM metadata: give a DCMQI template "
+                "(--metadata_path, or metadata in its spec entry) to export DICOM"
             )
         settings = stage.settings
         if settings.lossless_compression and settings.segmentation_type == "binary":
@@ -280,7 +308,7 @@ class SegmentationPipeline:
         suffix = request.suffix
         image = stage_input.image
         segmentation = masks.segmentation.astype(segmentation_dtype(masks.segmentation))
-        prediction = f"{stage.folder}/{output_name('prediction', suffix)}"
+        prediction = self.layout.path("prediction", stage.index, suffix)
         write_image(image_like(segmentation, image.reference), staging.path(prediction))
         outputs = StageOutputs(
             stage=stage.index,
@@ -289,12 +317,12 @@ class SegmentationPipeline:
             nifti_prediction=str(staging.final_path(prediction)),
         )
         if masks.probabilities is not None:
-            proba = f"{stage.folder}/{output_name('proba', suffix)}"
+            proba = self.layout.path("proba", stage.index, suffix)
             write_image(probability_image(masks.probabilities, image), staging.path(proba))
             outputs.nifti_proba = str(staging.final_path(proba))
         if request.save_nifti_inputs:
             for channel in range(image.array.shape[0]):
-                name = f"{stage.folder}/{output_name(f'volume_{channel:04d}', suffix)}"
+                name = self.layout.path("input", stage.index, suffix, channel)
                 write_image(image_like(image.array[channel], image.reference), staging.path(name))
                 outputs.nifti_inputs.append(str(staging.final_path(name)))
         if stage_input.dicom_source is not None:
@@ -306,10 +334,7 @@ class SegmentationPipeline:
                 masks.probabilities,
                 masks.labels,
                 staging,
-                {
-                    kind: f"{stage.folder}/{output_name(stem, suffix, '.dcm')}"
-                    for kind, stem in DICOM_OUTPUT_STEMS.items()
-                },
+                {kind: self.layout.path(kind, stage.index, suffix) for kind in DICOM_KINDS},
                 rt_struct=request.save_rt_struct_output,
             )
             outputs.dicom_segmentation = dicom.segmentation
@@ -317,25 +342,31 @@ class SegmentationPipeline:
             outputs.dicom_struct = dicom.struct
         return outputs
 
-    def run(self, request: InferenceRequest) -> InferenceResponse:
-        """Plan, then read, predict and export every stage; outputs appear only on success."""
+    def run(
+        self, request: InferenceRequest, on_step: StepCallback | None = None
+    ) -> InferenceResponse:
+        """Plan, then read, predict and export every stage; outputs appear only on success.
+
+        ``on_step(stage, step)`` is called as each of read, predict, postprocess and export
+        starts (for progress displays).
+        """
         started = time.perf_counter()
-        timings = Timings()
+        timings = Timings(on_step)
         stages = self.plan(request)
         results: list[PredictionResult] = []
         stage_outputs: list[StageOutputs] = []
         stage_masks: list[sitk.Image] = []
         with OutputStaging(Path(request.output_dir)) as staging:
             for stage in stages:
-                with timings.step("read"):
+                with timings.step("read", stage.index):
                     stage_input = self.read(request, stage)
                 image = stage_input.image
-                with timings.step("predict"):
+                with timings.step("predict", stage.index):
                     results.append(self.predict(request, stage, image, stage_masks))
-                with timings.step("postprocess"):
+                with timings.step("postprocess", stage.index):
                     masks = self.postprocess(request, stage, image, results[-1], stage_masks)
                 stage_masks.append(image_like(masks.segmentation, image.reference))
-                with timings.step("export"):
+                with timings.step("export", stage.index):
                     stage_outputs.append(self.export(request, stage, stage_input, masks, staging))
         paths = [stage.model.source for stage in stages]
         metadata = [metadata_content(stage.model.entry) for stage in stages]

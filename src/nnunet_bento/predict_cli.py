@@ -1,0 +1,251 @@
+"""`nnunet-bento predict`: the seed's standalone command, on the same pipeline as /infer."""
+
+import argparse
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+from tqdm import tqdm
+
+from .errors import NnunetBentoError
+from .jobs import JobReporter
+from .pipeline import CLI_LAYOUT, STEPS, SegmentationPipeline
+from .registry import Registry, build_registry
+from .request import InferenceRequest
+from .runners.device import DeviceSelector
+from .runners.nnunet_runner import RunnerModel, RunnerSet
+from .settings import load_settings
+from .spec import MetadataPath, ModelEntry, ServeSpec, load_spec
+
+logger = logging.getLogger("nnunet_bento.predict")
+
+
+def add_predict_arguments(parser: argparse.ArgumentParser) -> None:
+    """Every flag of the seed's entrypoint-prod.py, with its long and short names."""
+    add = parser.add_argument
+    add("--series_paths", "-i", nargs="+", required=True, help="Path to input series")
+    add(
+        "--model_path",
+        "-m",
+        required=True,
+        help="nnU-Net model folder, a model id of MODEL_SERVE_SPEC, or a Bento model tag",
+    )
+    add(
+        "--checkpoint_name",
+        "-ckpt",
+        default="checkpoint_final.pth",
+        help="Checkpoint name for nnUNet",
+    )
+    add("--output_dir", "-o", required=True, help="Path to output directory")
+    add("--metadata_path", "-M", help="Path to metadata template for DICOM-Seg output")
+    add(
+        "--fractional_metadata_path",
+        help="Path to metadata template for fractional DICOM-Seg output (defaults to "
+        "--metadata_path)",
+    )
+    add("--empty_segment_metadata", help="Path to metadata template for when predictions are empty")
+    add(
+        "--fractional_as_segments",
+        action="store_true",
+        help="Converts the fractional output to a categorical DICOM-Seg with discretized "
+        "probabilities (one bin per segment of the fractional template)",
+    )
+    add(
+        "--study_uid",
+        "-s",
+        help="Study UID if series are SimpleITK-readable files (recorded in the job log; DICOM "
+        "outputs take their study from DICOM inputs)",
+    )
+    add(
+        "--folds",
+        "-f",
+        nargs="+",
+        default=["0"],
+        help="Sets which folds should be used with nnUNet",
+    )
+    add("--tta", "-t", action="store_true", help="Uses test-time augmentation during prediction")
+    add(
+        "--tmp_dir",
+        default=".tmp",
+        help="Temporary directory (outputs are staged inside --output_dir and moved when done)",
+    )
+    add(
+        "--is_dicom",
+        "-D",
+        action="store_true",
+        help="Assumes input is DICOM (and also converts to DICOM seg; prediction.dcm in "
+        "output_dir)",
+    )
+    add(
+        "--proba_map",
+        "-p",
+        action="store_true",
+        help="Produces a Nifti format probability map (probabilities.nii.gz in output_dir); "
+        "needs --proba_threshold",
+    )
+    add(
+        "--proba_threshold",
+        type=float,
+        help="Sets probabilities in proba_map lower than proba_threshold to 0",
+    )
+    add(
+        "--min_confidence",
+        type=float,
+        help="Removes objects whose max prob is smaller than min_confidence",
+    )
+    add(
+        "--rt_struct_output",
+        action="store_true",
+        help="Produces a DICOM RT Struct file (struct.dcm in output_dir)",
+    )
+    add(
+        "--save_nifti_inputs",
+        "-S",
+        action="store_true",
+        help="Moves Nifti inputs to output folder (volume_XXXX.nii.gz in output_dir)",
+    )
+    add(
+        "--intersect_with",
+        help="Mask image; candidates whose fraction of voxels inside it is below "
+        "--min_intersection are ruled out",
+    )
+    add(
+        "--min_intersection",
+        type=float,
+        default=0.1,
+        help="Minimum fraction of a candidate inside --intersect_with to keep it",
+    )
+    add("--class_idx", type=int, help="Class index.")
+    add("--suffix", help="Adds a suffix (_suffix) to the outputs if specified.")
+    add("--job_id", help="Job ID that will be used to post job status/create log file")
+    add("--update_url", help="URL to be used to post job status")
+    add("--success_message", default="success", help="Message to be posted in case of success")
+    add("--failure_message", default="failure", help="Message to be posted in case of failure")
+    add(
+        "--log_file", type=Path, help="Path to log file (with job_id, and success/failure messages)"
+    )
+    add("--debug", action="store_true", help="Enters debug mode")
+
+
+def model_entry_and_spec(args: argparse.Namespace) -> ServeSpec:
+    """A one-model spec for --model_path: a result folder, a spec id, or a Bento tag."""
+    metadata = {
+        "metadata": args.metadata_path,
+        "fractional_metadata": args.fractional_metadata_path,
+        "empty_segment_metadata": args.empty_segment_metadata,
+    }
+    overrides = {k: MetadataPath(path=Path(v).resolve()) for k, v in metadata.items() if v}
+    model = Path(args.model_path)
+    if model.is_dir():
+        entry = ModelEntry(id=model.resolve().name, rel_path=model.resolve().name, **overrides)
+        return ServeSpec(model_folder=model.resolve().parent, models=[entry])
+    spec_path = load_settings().model_serve_spec
+    if spec_path.is_file():
+        spec = load_spec(spec_path)
+        for entry in spec.models:
+            if args.model_path in entry.names:
+                return spec.model_copy(update={"models": [entry.model_copy(update=overrides)]})
+    entry = ModelEntry(id=args.model_path.split(":")[0], tag=args.model_path, **overrides)
+    return ServeSpec(models=[entry])
+
+
+def request_from(args: argparse.Namespace, model_id: str) -> InferenceRequest:
+    """The /infer request that the flags stand for."""
+    series = [Path(p).resolve() for p in args.series_paths]
+    study = Path(os.path.commonpath([p.parent for p in series]))
+    return InferenceRequest(
+        nnunet_id=model_id,
+        study_path=str(study),
+        series_folders=[str(p.relative_to(study)) for p in series],
+        output_dir=str(Path(args.output_dir).resolve()),
+        checkpoint_name=args.checkpoint_name,
+        use_folds=[int(f) if f.isdigit() else f for f in args.folds],
+        tta=args.tta,
+        tmp_dir=args.tmp_dir,
+        is_dicom=args.is_dicom,
+        save_proba_map=args.proba_map,
+        proba_threshold=args.proba_threshold,
+        min_confidence=args.min_confidence,
+        save_rt_struct_output=args.rt_struct_output,
+        save_nifti_inputs=args.save_nifti_inputs,
+        intersect_with=str(Path(args.intersect_with).resolve()) if args.intersect_with else None,
+        min_intersection=args.min_intersection,
+        class_idx=args.class_idx,
+        fractional_as_segments=args.fractional_as_segments,
+        suffix=args.suffix,
+    )
+
+
+def local_pipeline(registry: Registry) -> SegmentationPipeline:
+    """The pipeline with in-process runners: no server."""
+    settings = load_settings()
+    runners = RunnerSet(
+        {m.id: RunnerModel(m.folder, m.entry.min_mem) for m in registry.models.values()},
+        DeviceSelector.for_this_machine(settings.nnunet_bento_gpu_wait_s),
+        cache_size=1,
+    )
+    return SegmentationPipeline(registry, runners, CLI_LAYOUT)
+
+
+def run_predict(args: argparse.Namespace) -> str:
+    """Run the request; returns the log line that says what was written."""
+    registry = build_registry(model_entry_and_spec(args), load_settings().totalseg_weights_path)
+    (model_id,) = registry.models
+    request = request_from(args, model_id)
+    interactive = sys.stderr.isatty()
+    with tqdm(total=len(STEPS), desc=model_id, disable=not interactive, unit="step") as bar:
+
+        def on_step(stage: int, step: str) -> None:
+            if interactive:
+                bar.set_postfix_str(step)
+                bar.update(0 if step == STEPS[0] else 1)
+            else:
+                logger.info("%s: %s", model_id, step)
+
+        started = time.perf_counter()
+        response = local_pipeline(registry).run(request, on_step)
+        bar.update(1)
+    files = [path for stage in response.stages for path in stage_files(stage.model_dump())]
+    study = f", study {args.study_uid}" if args.study_uid else ""
+    return (
+        f"{model_id} on {response.device}{study}: wrote {', '.join(files)} "
+        f"in {time.perf_counter() - started:.1f} s"
+    )
+
+
+def stage_files(stage: dict) -> list[str]:
+    """The paths a stage wrote, from its StageOutputs record."""
+    found = []
+    for key, value in stage.items():
+        if key.startswith(("nifti_", "dicom_")) and value:
+            found += value if isinstance(value, list) else [value]
+    return found
+
+
+def predict(args: argparse.Namespace) -> int:
+    """The command: 0 on success; one error line and 1 on failure (traceback with --debug)."""
+    reporter = JobReporter(
+        job_id=args.job_id,
+        update_url=args.update_url,
+        log_file=args.log_file,
+        success_message=args.success_message,
+        failure_message=args.failure_message,
+    )
+    try:
+        summary = run_predict(args)
+    except Exception as error:
+        message = (
+            str(error)
+            if isinstance(error, NnunetBentoError)
+            else f"{type(error).__name__}: {error}"
+        )
+        reporter.report(False, output_error=message)
+        if args.debug:
+            raise
+        print(f"nnunet-bento predict: error: {message}", file=sys.stderr)
+        return 1
+    logger.info(summary)
+    reporter.report(True, output_log=summary)
+    return 0

@@ -1,0 +1,114 @@
+"""`nnunet-bento predict`: the seed's flags, its output names, exit codes and job status."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import SimpleITK as sitk
+from conftest import REPO
+from status_server import recording_server
+
+MODELS = REPO / "examples" / "models"
+
+
+def predict(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "nnunet_bento.cli", "predict", *args],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+
+
+def test_success_writes_the_seed_names_and_posts_success(demo_study, tmp_path):
+    with recording_server() as (url, received):
+        done = predict(
+            "-i",
+            str(demo_study / "T2"),
+            "-m",
+            str(MODELS / "organ2d"),
+            "-o",
+            str(tmp_path / "out"),
+            "-p",
+            "--proba_threshold",
+            "0.2",
+            "-S",
+            "--suffix",
+            "v1",
+            "--job_id",
+            "job-1",
+            "--update_url",
+            url,
+            "--success_message",
+            "segmented",
+        )
+    assert done.returncode == 0, done.stderr
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+        "prediction_v1.nii.gz",
+        "probabilities_v1.nii.gz",
+        "volume_0000_v1.nii.gz",
+    ]
+    (body,) = received
+    assert (
+        body["job_id"] == "job-1" and body["status"] == "segmented" and body["output_error"] == ""
+    )
+    assert "prediction_v1.nii.gz" in body["output_log"]
+    assert "organ2d: predict" in done.stderr, "plain log lines when not on a terminal"
+    labels = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "out" / "prediction_v1.nii.gz")))
+    assert set(np.unique(labels)) == {0, 1, 2}
+
+
+def test_failure_prints_one_line_exits_1_and_reports_it(demo_study, tmp_path):
+    log = tmp_path / "job.json"
+    log.write_text(json.dumps({"job_id": "kept"}))
+    with recording_server() as (url, received):
+        failed = predict(
+            "-i",
+            str(demo_study / "absent"),
+            "-m",
+            str(MODELS / "organ2d"),
+            "-o",
+            str(tmp_path / "out"),
+            "--job_id",
+            "j2",
+            "--update_url",
+            url,
+            "--log_file",
+            str(log),
+        )
+    assert failed.returncode == 1
+    assert failed.stderr.strip().splitlines()[-1].startswith("nnunet-bento predict: error: ")
+    assert "Traceback" not in failed.stderr
+    assert received[0]["status"] == "failure" and "absent" in received[0]["output_error"]
+    assert json.loads(log.read_text())["job_id"] == "kept"
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_debug_shows_the_traceback(demo_study, tmp_path):
+    failed = predict(
+        "-i",
+        str(demo_study / "absent"),
+        "-m",
+        str(MODELS / "organ2d"),
+        "-o",
+        str(tmp_path),
+        "--debug",
+    )
+    assert failed.returncode != 0 and "Traceback" in failed.stderr
+
+
+def test_an_unreachable_status_server_does_not_fail_the_job(demo_study, tmp_path):
+    done = predict(
+        "-i",
+        str(demo_study / "T2"),
+        "-m",
+        str(MODELS / "organ2d"),
+        "-o",
+        str(tmp_path),
+        "--update_url",
+        "http://127.0.0.1:9/status",
+    )
+    assert done.returncode == 0, done.stderr
+    assert "job status POST to http://127.0.0.1:9/status failed" in done.stderr

@@ -1,0 +1,58 @@
+"""Job status: POSTs with retries that never fail a job, and the log-file rule."""
+
+import json
+import socket
+
+from status_server import recording_server
+
+from nnunet_bento.jobs import JobReporter, post_status, update_log_file
+
+
+def test_status_is_posted_as_the_seed_describes(tmp_path):
+    with recording_server() as (url, received):
+        JobReporter(job_id="j7", update_url=url, success_message="ok").report(
+            True, output_log="done"
+        )
+    assert received == [{"job_id": "j7", "status": "ok", "output_error": "", "output_log": "done"}]
+
+
+def test_an_unreachable_status_server_is_retried_with_backoff_and_never_raises():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    waits: list[float] = []
+    body = {"job_id": "j", "status": "s", "output_error": "", "output_log": ""}
+    assert (
+        post_status(
+            f"http://127.0.0.1:{port}/",
+            body,
+            timeout_s=1,
+            attempts=3,
+            backoff_s=0.5,
+            sleep=waits.append,
+        )
+        is False
+    )
+    assert waits == [0.5, 1.0]
+
+
+def test_log_file_updates_status_and_keeps_an_existing_job_id(tmp_path):
+    log = tmp_path / "job.json"
+    log.write_text(json.dumps({"job_id": "first", "status": "running", "site": "A"}))
+    JobReporter(job_id="second", log_file=log).report(False, output_error="bad input")
+    assert json.loads(log.read_text()) == {
+        "job_id": "first",
+        "status": "failure",
+        "output_error": "bad input",
+        "output_log": "",
+        "site": "A",
+    }
+    assert [p.name for p in tmp_path.iterdir()] == ["job.json"], "written atomically, no leftovers"
+
+
+def test_log_file_gets_the_job_id_when_it_has_none(tmp_path):
+    log = tmp_path / "new" / "job.json"
+    update_log_file(
+        log, {"job_id": "j1", "status": "success", "output_error": "", "output_log": "x"}
+    )
+    assert json.loads(log.read_text())["job_id"] == "j1"
