@@ -54,25 +54,23 @@ class Served:
 
 
 @contextmanager
-def bentoml_serve(
-    spec: Path, log: Path, extra_env: dict[str, str] | None = None
-) -> Iterator[Served]:
-    """Start `bentoml serve service:SegmentationService` from the repository root."""
+def bentoml_serve(spec: Path, log: Path, command: list[str] | None = None) -> Iterator[Served]:
+    """Start `bentoml serve service:SegmentationService` (or ``command``) from the repository
+    root, on a free port that is appended as ``--port``."""
     import bentoml
 
     port = free_port()
-    env = {**os.environ, "MODEL_SERVE_SPEC": str(spec), **(extra_env or {})}
-    command = [
+    env = {**os.environ, "MODEL_SERVE_SPEC": str(spec)}
+    serve = [
         sys.executable,
         "-m",
         "bentoml",
         "serve",
         "service:SegmentationService",
-        "--port",
-        str(port),
         "--host",
         "127.0.0.1",
     ]
+    command = [*(command or serve), "--port", str(port)]
     with open(log, "wb") as log_stream:
         process = subprocess.Popen(
             command,
