@@ -7,7 +7,9 @@ import bentoml
 import numpy as np
 import SimpleITK as sitk
 
-STUDY = Path(__file__).resolve().parents[1] / "examples" / "study"
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+STUDY = EXAMPLES / "study"
+DICOM_MR = EXAMPLES / "dicom" / "mr"
 
 
 def dice(a: np.ndarray, b: np.ndarray) -> float:
@@ -50,6 +52,17 @@ def main() -> None:
             f"{model}: {response['nifti_prediction'][0]} ({scores}; "
             f"{response['time_elapsed']:.2f} s on {response['device']})"
         )
+    cascade = client.infer(
+        nnunet_id=["organ", "lesion"],
+        study_path=str(DICOM_MR),
+        is_dicom=True,
+        series_folders=[["T2"], ["T2", "ADC"]],
+        output_dir=str(output / "dicom-cascade"),
+        cascade_mode="crop",
+        save_rt_struct_output=True,
+    )
+    written = cascade["dicom_segmentation"] + cascade["dicom_struct"]
+    print(f"DICOM organ -> lesion cascade: {', '.join(written)}")
 
 
 if __name__ == "__main__":
