@@ -22,14 +22,15 @@ def predict(*args: str) -> subprocess.CompletedProcess:
     )
 
 
+def organ2d(series: str, output_dir: str, *flags: str) -> subprocess.CompletedProcess:
+    """`predict` with the organ2d demo model on one series."""
+    return predict("-i", series, "-m", str(MODELS / "organ2d"), "-o", output_dir, *flags)
+
+
 def test_success_writes_the_seed_names_and_posts_success(demo_study, tmp_path):
     with recording_server() as (url, received):
-        done = predict(
-            "-i",
+        done = organ2d(
             str(demo_study / "T2"),
-            "-m",
-            str(MODELS / "organ2d"),
-            "-o",
             str(tmp_path / "out"),
             "-p",
             "--proba_threshold",
@@ -64,12 +65,8 @@ def test_failure_prints_one_line_exits_1_and_reports_it(demo_study, tmp_path):
     log = tmp_path / "job.json"
     log.write_text(json.dumps({"job_id": "kept"}))
     with recording_server() as (url, received):
-        failed = predict(
-            "-i",
+        failed = organ2d(
             str(demo_study / "absent"),
-            "-m",
-            str(MODELS / "organ2d"),
-            "-o",
             str(tmp_path / "out"),
             "--job_id",
             "j2",
@@ -87,12 +84,8 @@ def test_failure_prints_one_line_exits_1_and_reports_it(demo_study, tmp_path):
 
 
 def test_debug_shows_the_traceback(demo_study, tmp_path):
-    failed = predict(
-        "-i",
+    failed = organ2d(
         str(demo_study / "absent"),
-        "-m",
-        str(MODELS / "organ2d"),
-        "-o",
         str(tmp_path),
         "--debug",
     )
@@ -100,12 +93,8 @@ def test_debug_shows_the_traceback(demo_study, tmp_path):
 
 
 def test_an_unreachable_status_server_does_not_fail_the_job(demo_study, tmp_path):
-    done = predict(
-        "-i",
+    done = organ2d(
         str(demo_study / "T2"),
-        "-m",
-        str(MODELS / "organ2d"),
-        "-o",
         str(tmp_path),
         "--update_url",
         "http://127.0.0.1:9/status",
