@@ -55,7 +55,8 @@ class RegisteredModel:
             "path": self.source,
             "rel_path": self.entry.rel_path,
             "tag": self.entry.tag and self.source,
-            "metadata": metadata_content(self.entry),
+            "metadata": metadata_content(self.entry)
+            or (self.seg_metadata and self.seg_metadata.to_dcmqi()),
             "min_mem": self.entry.min_mem,
             "default_args": self.entry.default_args,
             "n_classes": len(self.description.labels),

@@ -134,7 +134,9 @@ class SegmentationServiceBase:
         try:
             response = await anyio.to_thread.run_sync(self.pipeline.run, request)
         except NnunetBentoError as error:
-            logger.warning("request for %s failed: %s", request.nnunet_id, error)
+            logger.warning(
+                "request for %s failed: %s", request.nnunet_id, error, exc_info=self.settings.debug
+            )
             return failure(error.status_code, str(error))
         except Exception as error:
             logger.exception("request for %s failed", request.nnunet_id)
