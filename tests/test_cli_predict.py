@@ -1,6 +1,7 @@
 """`nnunet-bento predict`: the seed's flags, its output names, exit codes and job status."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -101,3 +102,64 @@ def test_an_unreachable_status_server_does_not_fail_the_job(demo_study, tmp_path
     )
     assert done.returncode == 0, done.stderr
     assert "job status POST to http://127.0.0.1:9/status failed" in done.stderr
+
+
+def test_model_path_takes_a_spec_id_or_a_bento_tag(demo_study, tmp_path, imported_models):
+    env_spec = {"MODEL_SERVE_SPEC": str(REPO / "model-serve-spec.yaml")}
+    by_id = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "nnunet_bento.cli",
+            "predict",
+            "-i",
+            str(demo_study / "T2"),
+            "-m",
+            "prostate_whole_gland",
+            "-o",
+            str(tmp_path / "id"),
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+        env={**os.environ, **env_spec},
+    )
+    assert by_id.returncode == 0, by_id.stderr
+    assert "organ on cpu" in by_id.stderr, "the alias resolved to the spec's organ model"
+    by_tag = predict(
+        "-i", str(demo_study / "T2"), "-m", imported_models["organ2d"], "-o", str(tmp_path / "tag")
+    )
+    assert by_tag.returncode == 0, by_tag.stderr
+    labels = [
+        sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / d / "prediction.nii.gz")))
+        for d in ("id", "tag")
+    ]
+    assert all(set(np.unique(a)) == {0, 1, 2} for a in labels)
+
+
+def test_validate_metadata_reports_each_bad_key_on_one_line(tmp_path):
+    good = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "nnunet_bento.cli",
+            "validate-metadata",
+            str(REPO / "model-serve-spec.yaml"),
+            str(REPO / "examples" / "metadata" / "organ.json"),
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert good.returncode == 0 and "valid DCMQI segmentation metadata" in good.stdout
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"segmentAttributes": [[{"labelID": 1, "SegmentLabel": "x"}]]}))
+    failed = subprocess.run(
+        [sys.executable, "-m", "nnunet_bento.cli", "validate-metadata", str(bad)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert failed.returncode == 1
+    (line,) = failed.stderr.strip().splitlines()
+    assert "segmentAttributes[0][0].SegmentedPropertyTypeCodeSequence: missing" in line

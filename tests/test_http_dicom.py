@@ -269,14 +269,15 @@ def test_dicom_request_errors(served, tmp_path):
     assert not (tmp_path / "out" / "stage_0").exists()
 
 
-def test_dicom_cascade_writes_a_seg_per_stage_referencing_its_own_series(served, tmp_path):
+@pytest.mark.parametrize("mode", ["intersect", "crop"])
+def test_dicom_cascade_writes_a_seg_per_stage_referencing_its_own_series(served, tmp_path, mode):
     response = infer(
         served,
         tmp_path,
         nnunet_id=["organ", "lesion"],
         study_path=str(DICOM),
         series_folders=[["mr/T2"], ["shuffled/T2", "mr/ADC"]],
-        cascade_mode="crop",
+        cascade_mode=mode,
     )
     assert len(response["dicom_segmentation"]) == 2
     read_by_stage = [DICOM / "mr" / "T2", DICOM / "shuffled" / "T2"]
