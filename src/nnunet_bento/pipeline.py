@@ -26,7 +26,7 @@ from .io.images import (
 )
 from .io.staging import OutputStaging
 from .postprocess import PostprocessSettings, postprocess
-from .registry import RegisteredModel, Registry, metadata_content
+from .registry import RegisteredModel, Registry
 from .request import (
     CascadeMode,
     InferenceRequest,
@@ -369,7 +369,7 @@ class SegmentationPipeline:
                 with timings.step("export", stage.index):
                     stage_outputs.append(self.export(request, stage, stage_input, masks, staging))
         paths = [stage.model.source for stage in stages]
-        metadata = [metadata_content(stage.model.entry) for stage in stages]
+        metadata = [stage.model.metadata_record for stage in stages]
         return InferenceResponse(
             time_elapsed=time.perf_counter() - started,
             timings=dict(timings.seconds),

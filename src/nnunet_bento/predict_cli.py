@@ -199,29 +199,27 @@ def run_predict(args: argparse.Namespace) -> str:
 
         def on_step(stage: int, step: str) -> None:
             if interactive:
+                bar.n = STEPS.index(step)
                 bar.set_postfix_str(step)
-                bar.update(0 if step == STEPS[0] else 1)
             else:
                 logger.info("%s: %s", model_id, step)
 
         started = time.perf_counter()
         response = local_pipeline(registry).run(request, on_step)
-        bar.update(1)
-    files = [path for stage in response.stages for path in stage_files(stage.model_dump())]
+        bar.n = len(STEPS)
+    files = [
+        *response.nifti_prediction,
+        *response.nifti_proba,
+        *response.nifti_inputs,
+        *response.dicom_segmentation,
+        *response.dicom_fractional_segmentation,
+        *response.dicom_struct,
+    ]
     study = f", study {args.study_uid}" if args.study_uid else ""
     return (
         f"{model_id} on {response.device}{study}: wrote {', '.join(files)} "
         f"in {time.perf_counter() - started:.1f} s"
     )
-
-
-def stage_files(stage: dict) -> list[str]:
-    """The paths a stage wrote, from its StageOutputs record."""
-    found = []
-    for key, value in stage.items():
-        if key.startswith(("nifti_", "dicom_")) and value:
-            found += value if isinstance(value, list) else [value]
-    return found
 
 
 def predict(args: argparse.Namespace) -> int:

@@ -1,6 +1,5 @@
 """The spec resolved against the model store and the file system, checked at start-up."""
 
-import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,6 +45,13 @@ class RegisteredModel:
     def id(self) -> str:
         return self.entry.id
 
+    @property
+    def metadata_record(self) -> dict[str, Any] | None:
+        """The DICOM metadata as given inline, else as the (validated) template says it."""
+        if isinstance(self.entry.metadata, dict):
+            return self.entry.metadata
+        return self.seg_metadata.to_dcmqi() if self.seg_metadata else None
+
     def info(self) -> dict[str, Any]:
         """The /model_info record: the seed's fields, with no absolute server path."""
         return {
@@ -55,8 +61,7 @@ class RegisteredModel:
             "path": self.source,
             "rel_path": self.entry.rel_path,
             "tag": self.entry.tag and self.source,
-            "metadata": metadata_content(self.entry)
-            or (self.seg_metadata and self.seg_metadata.to_dcmqi()),
+            "metadata": self.metadata_record,
             "min_mem": self.entry.min_mem,
             "default_args": self.entry.default_args,
             "n_classes": len(self.description.labels),
@@ -66,13 +71,6 @@ class RegisteredModel:
             "folds": self.description.folds,
             "is_totalseg": self.entry.totalseg_task is not None,
         }
-
-
-def metadata_content(entry: ModelEntry) -> dict[str, Any] | None:
-    """The DICOM metadata of an entry: the template's content, or the inline object."""
-    if isinstance(entry.metadata, MetadataPath):
-        return json.loads(entry.metadata.path.read_text())
-    return entry.metadata
 
 
 def load_dicom_metadata(
