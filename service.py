@@ -2,8 +2,8 @@
 
 import bentoml
 
-from nnunet_bento.http_errors import SeedErrorMiddleware
-from nnunet_bento.serving import (
+from nnunet_bento.server.error_body import SeedErrorMiddleware
+from nnunet_bento.server.services import (
     ModelRunnerBase,
     SegmentationServiceBase,
     bento_model_attributes,

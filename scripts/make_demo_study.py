@@ -18,6 +18,7 @@ UIDs, dates and orders derive from the seed, so a rerun writes identical files.
 
 import argparse
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +26,8 @@ import pydicom
 import SimpleITK as sitk
 from pydicom.uid import generate_uid
 
-from nnunet_bento.io.dicom_image_writer import SeriesIdentity, write_image_series
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from dicom_image_writer import SeriesIdentity, write_image_series
 
 REPO = Path(__file__).resolve().parents[1]
 STUDIES = ("ct", "mr", "oblique", "shuffled")

@@ -32,7 +32,7 @@ def demo_study() -> Path:
 @pytest.fixture(scope="session")
 def imported_models(demo_model_dirs: dict[str, Path]) -> dict[str, str]:
     """The demo models in the test session's Bento model store: id -> tag."""
-    from nnunet_bento.store import import_model
+    from nnunet_bento.catalog.store import import_model
 
     return {name: import_model(folder, name).tag for name, folder in demo_model_dirs.items()}
 

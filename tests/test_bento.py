@@ -111,7 +111,7 @@ def test_runner_and_api_service_scaled_apart(imported_models, demo_study, tmp_pa
             [
                 sys.executable,
                 "-m",
-                "nnunet_bento.serve_one",
+                "nnunet_bento.server.serve_one",
                 "ModelRunner",
                 "--host",
                 "127.0.0.1",
@@ -132,7 +132,7 @@ def test_runner_and_api_service_scaled_apart(imported_models, demo_study, tmp_pa
             command=[
                 sys.executable,
                 "-m",
-                "nnunet_bento.serve_one",
+                "nnunet_bento.server.serve_one",
                 "SegmentationService",
                 "--runner-url",
                 f"http://127.0.0.1:{runner_port}",

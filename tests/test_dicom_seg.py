@@ -12,10 +12,10 @@ import pydicom
 import pytest
 import SimpleITK as sitk
 from dicom_checks import dciodvfy_errors, dcmqi_labels, highdicom_labels
+from dicom_image_writer import SeriesIdentity, write_image_series
 from pydicom.uid import RLELossless
 
 from nnunet_bento.errors import RequestError
-from nnunet_bento.io.dicom_image_writer import SeriesIdentity, write_image_series
 from nnunet_bento.io.dicom_seg import (
     bin_probabilities,
     write_binned_segmentation,
@@ -24,6 +24,7 @@ from nnunet_bento.io.dicom_seg import (
 )
 from nnunet_bento.io.dicom_source import AlgorithmIdentity, DicomSource
 from nnunet_bento.io.seg_metadata import SegmentationMetadata
+from nnunet_bento.io.staging import OutputStaging
 
 TOOLS = Path(sys.executable).parent
 IDENTITY = AlgorithmIdentity(
@@ -293,8 +294,8 @@ def test_failed_write_leaves_no_file(
         raise OSError("disk full")
 
     monkeypatch.setattr(hd.seg.Segmentation, "save_as", fail_half_way)
-    path = tmp_path / "seg.dcm"
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(OSError, match="disk full"), OutputStaging(tmp_path) as staging:
+        path = staging.path("stage_0/prediction.dcm")
         write_label_segmentation(corner_mask(), axial, organ_metadata(), IDENTITY, path)
     assert list(tmp_path.iterdir()) == []
 

@@ -11,10 +11,10 @@ import numpy as np
 import pydicom
 import pytest
 import SimpleITK as sitk
+from dicom_image_writer import SeriesIdentity, write_image_series
 from pydicom.uid import generate_uid
 
 from nnunet_bento.errors import InputNotFoundError, RequestError
-from nnunet_bento.io.dicom_image_writer import SeriesIdentity, write_image_series
 from nnunet_bento.io.dicom_series import read_dicom_series
 
 SERIES = ["ct/CT", "mr/T2", "mr/ADC", "oblique/T2", "shuffled/T2"]

@@ -7,11 +7,12 @@ import pydicom
 import pytest
 import SimpleITK as sitk
 from dicom_checks import dciodvfy_errors
+from dicom_image_writer import SeriesIdentity, write_image_series
 from rt_utils import RTStructBuilder
 
-from nnunet_bento.io.dicom_image_writer import SeriesIdentity, write_image_series
 from nnunet_bento.io.dicom_source import AlgorithmIdentity, DicomSource
 from nnunet_bento.io.rtstruct import write_rtstruct
+from nnunet_bento.io.staging import OutputStaging
 
 SHAPE = (24, 48, 48)
 SPACING = (1.25, 1.25, 2.5)
@@ -207,17 +208,16 @@ def test_empty_mask_writes_nothing(tmp_path: Path) -> None:
 
 def test_failed_write_leaves_no_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     source = _write_source(tmp_path / "series", "ct-axial")
-    path = tmp_path / "out" / "rs.dcm"
-    path.parent.mkdir()
+    out = tmp_path / "out"
 
     def write_half_then_fail(self: pydicom.Dataset, filename: Path, **kwargs) -> None:
         Path(filename).write_bytes(b"DICM partial")
         raise OSError("disk full")
 
     monkeypatch.setattr(pydicom.Dataset, "save_as", write_half_then_fail)
-    with pytest.raises(OSError, match="disk full"):
-        write_rtstruct(_two_organs(SHAPE), source, NAMES, IDENTITY, path)
-    assert list(path.parent.iterdir()) == []
+    with pytest.raises(OSError, match="disk full"), OutputStaging(out) as staging:
+        write_rtstruct(_two_organs(SHAPE), source, NAMES, IDENTITY, staging.path("struct.dcm"))
+    assert list(out.iterdir()) == []
 
 
 @pytest.mark.parametrize(

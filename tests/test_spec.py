@@ -9,10 +9,10 @@ import pytest
 import yaml
 from conftest import REPO
 
+from nnunet_bento.catalog.registry import build_registry
+from nnunet_bento.catalog.spec import load_spec
 from nnunet_bento.errors import SpecError
-from nnunet_bento.registry import build_registry
 from nnunet_bento.settings import load_settings
-from nnunet_bento.spec import load_spec
 
 
 def write_spec(tmp_path: Path, document: dict) -> Path:

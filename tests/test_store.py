@@ -7,8 +7,8 @@ import sys
 import bentoml
 import pytest
 
+from nnunet_bento.catalog.store import import_model
 from nnunet_bento.errors import ModelFolderError
-from nnunet_bento.store import import_model
 
 
 def test_metadata_records_what_the_folder_says(demo_model_dirs):

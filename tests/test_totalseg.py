@@ -9,13 +9,13 @@ import pytest
 import SimpleITK as sitk
 from totalsegmentator.map_to_binary import class_map
 
+from nnunet_bento.catalog.registry import build_registry
+from nnunet_bento.catalog.spec import parse_spec
 from nnunet_bento.errors import SpecError
 from nnunet_bento.pipeline import SegmentationPipeline
-from nnunet_bento.registry import build_registry
 from nnunet_bento.request import InferenceRequest
 from nnunet_bento.runners.device import DeviceSelector
 from nnunet_bento.runners.nnunet_runner import RunnerModel, RunnerSet
-from nnunet_bento.spec import parse_spec
 
 FASTEST = "Dataset298_TotalSegmentator_total_6mm_1559subj"
 FASTEST_RUN = "nnUNetTrainer_4000epochs_NoMirroring__nnUNetPlans__3d_fullres"

@@ -16,12 +16,12 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
+from nnunet_bento.catalog.registry import build_registry
+from nnunet_bento.catalog.spec import parse_spec
 from nnunet_bento.pipeline import SegmentationPipeline
-from nnunet_bento.registry import build_registry
 from nnunet_bento.request import InferenceRequest
 from nnunet_bento.runners.device import DeviceSelector
 from nnunet_bento.runners.nnunet_runner import RunnerModel, RunnerSet
-from nnunet_bento.spec import parse_spec
 
 REPO = Path(__file__).resolve().parents[2]
 STUDY = REPO / "examples" / "study"

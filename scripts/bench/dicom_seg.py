@@ -26,7 +26,9 @@ import numpy as np
 import pydicom
 import SimpleITK as sitk
 
-from nnunet_bento.io.dicom_image_writer import SeriesIdentity, write_image_series
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tests"))
+from dicom_image_writer import SeriesIdentity, write_image_series
+
 from nnunet_bento.io.dicom_seg import write_label_segmentation
 from nnunet_bento.io.dicom_source import AlgorithmIdentity, DicomSource
 from nnunet_bento.io.seg_metadata import SegmentationMetadata

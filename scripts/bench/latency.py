@@ -46,7 +46,7 @@ def main() -> None:
     from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 
-    from nnunet_bento.store import import_model
+    from nnunet_bento.catalog.store import import_model
 
     model_dir = REPO / "examples" / "models" / args.model
     image = REPO / "examples" / "study" / "T2" / "T2.nii.gz"

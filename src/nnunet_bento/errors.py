@@ -21,6 +21,15 @@ class InputNotFoundError(NnunetBentoError):
     status_code = HTTPStatus.NOT_FOUND
 
 
+class ForbiddenPathError(NnunetBentoError):
+    """A request path lies outside its configured root or its study (HTTP 403).
+
+    The message names the request field, never the resolved server path.
+    """
+
+    status_code = HTTPStatus.FORBIDDEN
+
+
 class DeviceUnavailableError(NnunetBentoError):
     """No GPU had the free memory the model needs before the wait ran out (HTTP 503)."""
 
@@ -37,7 +46,12 @@ class SpecError(NnunetBentoError):
 
 def error_for_status(status_code: int, message: str) -> NnunetBentoError:
     """Rebuild the error that a status code stands for, e.g. after it crossed a process."""
-    for error_class in (RequestError, InputNotFoundError, DeviceUnavailableError):
+    for error_class in (
+        RequestError,
+        ForbiddenPathError,
+        InputNotFoundError,
+        DeviceUnavailableError,
+    ):
         if error_class.status_code == status_code:
             return error_class(message)
     return NnunetBentoError(message)

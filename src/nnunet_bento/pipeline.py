@@ -4,121 +4,28 @@ import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
 from pathlib import Path
 
-import numpy as np
 import SimpleITK as sitk
 
-from .cascade import bounding_box, check_stage_reference, paste, reference_mask
-from .dicom_export import export_dicom
+from .cascade import check_stage_reference, predict_in_box, reference_mask, stage_reference
+from .catalog.registry import Registry
 from .errors import InputNotFoundError, RequestError
+from .export import API_LAYOUT, OutputLayout, export_stage
 from .io.dicom_series import read_dicom_series
-from .io.dicom_source import DicomSource
-from .io.images import (
-    NnunetInput,
-    crop_input,
-    image_file_in,
-    image_like,
-    read_image,
-    segmentation_dtype,
-    to_nnunet_input,
-)
+from .io.images import NnunetInput, image_file_in, image_like, read_image, to_nnunet_input
 from .io.staging import OutputStaging
-from .postprocess import PostprocessSettings, postprocess
-from .registry import RegisteredModel, Registry
+from .postprocess import postprocess
 from .request import (
-    CascadeMode,
     InferenceRequest,
     InferenceResponse,
     StageOutputs,
-    StageSettings,
     cascade_modes,
     merge_stage_settings,
 )
 from .runners.protocol import PredictionJob, PredictionResult, Predictor
+from .stage import Stage, StageInput, StageMasks
 
-
-@dataclass(frozen=True)
-class Stage:
-    """One model of a request with its merged settings."""
-
-    index: int
-    model: RegisteredModel
-    settings: StageSettings
-    cascade_mode: CascadeMode | None = None
-
-    def reference(self, field: str) -> str | None:
-        """The mask that limits this stage for ``field`` (intersect_with or crop_from).
-
-        The stage's own setting wins; else the previous stage's mask when the transition's
-        cascade_mode is the one the field stands for.
-        """
-        own = getattr(self.settings, field)
-        mode = {"intersect_with": "intersect", "crop_from": "crop"}[field]
-        if own is None and self.index > 0 and self.cascade_mode == mode:
-            return f"stage_{self.index - 1}"
-        return own
-
-    @property
-    def labels(self) -> tuple[int, ...]:
-        """The model's foreground label values; probabilities are indexed like this."""
-        return tuple(self.model.description.foreground_labels.values())
-
-
-@dataclass(frozen=True)
-class StageInput:
-    """What a stage read: the image stack for nnU-Net, and the DICOM series it came from."""
-
-    image: NnunetInput
-    dicom_source: DicomSource | None
-
-
-@dataclass(frozen=True)
-class StageMasks:
-    """A stage's mask after post-processing, and the probability map to save (if asked)."""
-
-    segmentation: np.ndarray
-    probabilities: np.ndarray | None
-    labels: tuple[int, ...]
-
-
-@dataclass(frozen=True)
-class OutputLayout:
-    """Output file names by kind, relative to output_dir: templates of {stage}, {suffix}
-    (``_<suffix>`` or nothing) and, for inputs, {channel}."""
-
-    templates: dict[str, str]
-
-    def path(self, kind: str, stage: int, suffix: str | None, channel: int = 0) -> str:
-        return self.templates[kind].format(
-            stage=stage, suffix=f"_{suffix}" if suffix else "", channel=channel
-        )
-
-
-#: /infer: one folder per stage, the seed API's names.
-API_LAYOUT = OutputLayout(
-    {
-        "prediction": "stage_{stage}/prediction{suffix}.nii.gz",
-        "proba": "stage_{stage}/proba{suffix}.nii.gz",
-        "input": "stage_{stage}/volume_{channel:04d}{suffix}.nii.gz",
-        "segmentation": "stage_{stage}/prediction{suffix}.dcm",
-        "fractional_segmentation": "stage_{stage}/proba{suffix}.dcm",
-        "struct": "stage_{stage}/struct{suffix}.dcm",
-    }
-)
-#: The seed's command line: one model, files directly in output_dir, its names.
-CLI_LAYOUT = OutputLayout(
-    {
-        "prediction": "prediction{suffix}.nii.gz",
-        "proba": "probabilities{suffix}.nii.gz",
-        "input": "volume_{channel:04d}{suffix}.nii.gz",
-        "segmentation": "prediction{suffix}.dcm",
-        "fractional_segmentation": "proba{suffix}.dcm",
-        "struct": "struct{suffix}.dcm",
-    }
-)
-DICOM_KINDS = ("segmentation", "fractional_segmentation", "struct")
 StepCallback = Callable[[int, str], None]
 STEPS = ("read", "predict", "postprocess", "export")
 
@@ -218,36 +125,20 @@ class SegmentationPipeline:
         self, request: InferenceRequest, stage: Stage, image: NnunetInput, masks: list[sitk.Image]
     ) -> PredictionResult:
         """Run the model; with a crop reference, on the padded box around it, pasted back."""
-        crop_from = stage.reference("crop_from")
+        settings = stage.settings
+        crop_from = stage_reference(
+            "crop_from", settings.crop_from, stage.index, stage.cascade_mode
+        )
         if crop_from is None:
             return self._predict(stage, image)
         crop_mask = reference_mask(crop_from, Path(request.study_path), masks, image.reference)
-        box = bounding_box(crop_mask, stage.settings.crop_padding)
-        if box is None:
-            if stage.settings.crop_from is not None:
-                raise RequestError(
-                    f"crop_from mask {crop_from!r} of stage {stage.index} is empty: there is "
-                    "nothing to crop to"
-                )
-            return self._nothing_to_predict(stage, image)
-        cropped = self._predict(stage, crop_input(image, box))
-        shape = image.array.shape[1:]
-        return replace(
-            cropped,
-            segmentation=paste(cropped.segmentation, box, shape),
-            probabilities=None
-            if cropped.probabilities is None
-            else paste(cropped.probabilities, box, shape),
-        )
-
-    def _nothing_to_predict(self, stage: Stage, image: NnunetInput) -> PredictionResult:
-        """The result of a cascade stage whose crop reference (the previous mask) is empty."""
-        shape = image.array.shape[1:]
-        return PredictionResult(
-            segmentation=np.zeros(shape, np.uint8),
-            probabilities=np.zeros((len(stage.labels), *shape), np.float16),
-            device="none",
-            seconds=0.0,
+        return predict_in_box(
+            lambda cropped: self._predict(stage, cropped),
+            image,
+            crop_mask,
+            settings.crop_padding,
+            stage.labels,
+            explicit=settings.crop_from,
         )
 
     def _predict(self, stage: Stage, image: NnunetInput) -> PredictionResult:
@@ -277,7 +168,9 @@ class SegmentationPipeline:
         masks: list[sitk.Image],
     ) -> StageMasks:
         settings = stage.settings
-        intersect_with = stage.reference("intersect_with")
+        intersect_with = stage_reference(
+            "intersect_with", settings.intersect_with, stage.index, stage.cascade_mode
+        )
         reference = (
             None
             if intersect_with is None
@@ -287,60 +180,10 @@ class SegmentationPipeline:
             result.segmentation,
             result.probabilities,
             stage.labels,
-            PostprocessSettings(
-                class_idx=tuple(settings.class_idx) if settings.class_idx else None,
-                proba_threshold=settings.proba_threshold,
-                min_confidence=settings.min_confidence,
-                min_intersection=settings.min_intersection,
-            ),
+            settings,
             reference,
         )
         return StageMasks(segmentation, probabilities if settings.save_proba_map else None, labels)
-
-    def export(
-        self,
-        request: InferenceRequest,
-        stage: Stage,
-        stage_input: StageInput,
-        masks: StageMasks,
-        staging: OutputStaging,
-    ) -> StageOutputs:
-        suffix = request.suffix
-        image = stage_input.image
-        segmentation = masks.segmentation.astype(segmentation_dtype(masks.segmentation))
-        prediction = self.layout.path("prediction", stage.index, suffix)
-        write_image(image_like(segmentation, image.reference), staging.path(prediction))
-        outputs = StageOutputs(
-            stage=stage.index,
-            nnunet_id=stage.model.id,
-            is_empty=not segmentation.any(),
-            nifti_prediction=str(staging.final_path(prediction)),
-        )
-        if masks.probabilities is not None:
-            proba = self.layout.path("proba", stage.index, suffix)
-            write_image(probability_image(masks.probabilities, image), staging.path(proba))
-            outputs.nifti_proba = str(staging.final_path(proba))
-        if request.save_nifti_inputs:
-            for channel in range(image.array.shape[0]):
-                name = self.layout.path("input", stage.index, suffix, channel)
-                write_image(image_like(image.array[channel], image.reference), staging.path(name))
-                outputs.nifti_inputs.append(str(staging.final_path(name)))
-        if stage_input.dicom_source is not None:
-            dicom = export_dicom(
-                stage.model,
-                stage.settings,
-                stage_input.dicom_source,
-                segmentation,
-                masks.probabilities,
-                masks.labels,
-                staging,
-                {kind: self.layout.path(kind, stage.index, suffix) for kind in DICOM_KINDS},
-                rt_struct=request.save_rt_struct_output,
-            )
-            outputs.dicom_segmentation = dicom.segmentation
-            outputs.dicom_fractional_segmentation = dicom.fractional_segmentation
-            outputs.dicom_struct = dicom.struct
-        return outputs
 
     def run(
         self, request: InferenceRequest, on_step: StepCallback | None = None
@@ -367,7 +210,9 @@ class SegmentationPipeline:
                     masks = self.postprocess(request, stage, image, results[-1], stage_masks)
                 stage_masks.append(image_like(masks.segmentation, image.reference))
                 with timings.step("export", stage.index):
-                    stage_outputs.append(self.export(request, stage, stage_input, masks, staging))
+                    stage_outputs.append(
+                        export_stage(request, stage, stage_input, masks, staging, self.layout)
+                    )
         paths = [stage.model.source for stage in stages]
         metadata = [stage.model.metadata_record for stage in stages]
         return InferenceResponse(
@@ -392,13 +237,3 @@ class SegmentationPipeline:
             dicom_struct=[o.dicom_struct for o in stage_outputs if o.dicom_struct],
             stages=stage_outputs,
         )
-
-
-def probability_image(probabilities: np.ndarray, image: NnunetInput) -> sitk.Image:
-    """One label: a 3D float32 image; several: 4D, the labels along the last axis."""
-    volumes = [image_like(volume.astype(np.float32), image.reference) for volume in probabilities]
-    return volumes[0] if len(volumes) == 1 else sitk.JoinSeries(volumes)
-
-
-def write_image(image: sitk.Image, path: Path) -> None:
-    sitk.WriteImage(image, str(path), useCompression=True)

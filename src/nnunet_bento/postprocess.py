@@ -12,20 +12,10 @@
    component inside the reference, not IoU: IoU would drop every small lesion in a large organ.
 """
 
-from dataclasses import dataclass
-
 import numpy as np
 from scipy import ndimage
 
-
-@dataclass(frozen=True)
-class PostprocessSettings:
-    """The stage settings that shape the mask after prediction."""
-
-    class_idx: tuple[int, ...] | None = None
-    proba_threshold: float | None = None
-    min_confidence: float | None = None
-    min_intersection: float = 0.1
+from .request import StageSettings
 
 
 def select_labels(
@@ -93,18 +83,15 @@ def postprocess(
     segmentation: np.ndarray,
     probabilities: np.ndarray | None,
     labels: tuple[int, ...],
-    settings: PostprocessSettings,
+    settings: StageSettings,
     reference: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray | None, tuple[int, ...]]:
     """Apply rules 1-5; returns the mask, the thresholded map and the labels it holds."""
+    class_idx = None if settings.class_idx is None else tuple(settings.class_idx)
     segmentation, probabilities, labels = select_labels(
-        segmentation, probabilities, labels, settings.class_idx
+        segmentation, probabilities, labels, class_idx
     )
-    if (
-        probabilities is not None
-        and settings.class_idx is not None
-        and settings.proba_threshold is not None
-    ):
+    if probabilities is not None and class_idx is not None and settings.proba_threshold is not None:
         segmentation = threshold_mask(
             probabilities, labels, settings.proba_threshold, segmentation.dtype
         )

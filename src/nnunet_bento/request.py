@@ -1,8 +1,22 @@
-"""The /infer request and response, and the merge of per-model defaults into stages."""
+"""The /infer request: the one declaration of every field, its default and its description.
 
-from typing import Any, Literal
+Per-model fields are declared once, in ``StageSettings``, with the server's default.
+``InferenceRequest`` derives from them its per-model form (one value for every model, or a
+list with one value per model), and the CLI derives its flags' help from them too.
+"""
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from typing import Any, Literal, get_args, get_origin
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    create_model,
+    field_validator,
+    model_validator,
+)
+from pydantic.fields import FieldInfo
 
 from .errors import RequestError
 
@@ -11,13 +25,136 @@ CascadeMode = Literal["intersect", "crop"]
 SegmentationType = Literal["binary", "labelmap"]
 
 
-class InferenceRequest(BaseModel):
-    """Body of POST /infer: the seed's request, unchanged.
+class StageSettings(BaseModel):
+    """The settings of one model of a request, after defaults are merged in.
 
-    Parameters that can vary per model take one value for every model, or a list with one
-    value per model. Parameters whose value is itself a list (series_folders, use_folds,
-    crop_padding, class_idx) take a flat list for every model, or a list of lists.
+    The defaults here are the server's: they apply where neither the request nor the model's
+    default_args give a value. A list-valued field also takes a single value as a list of one
+    (crop_padding: the same padding on every axis).
     """
+
+    model_config = ConfigDict(extra="forbid")
+
+    series_folders: list[str] = Field(
+        min_length=1,
+        description="Series under study_path: a folder holding one image or DICOM series, or "
+        "an image file. A model with several channels takes one series per channel; the first "
+        "series sets the grid and the others are resampled onto it.",
+    )
+    checkpoint_name: str = Field(
+        "checkpoint_final.pth", description="Checkpoint file in each fold folder."
+    )
+    tta: bool = Field(True, description="Test-time mirroring.")
+    use_folds: list[FoldId] = Field(
+        default_factory=lambda: [0], min_length=1, description="Folds to ensemble."
+    )
+    class_idx: list[int] | None = Field(
+        None, description="Labels to keep in the mask and the probability map (default: all)."
+    )
+    proba_threshold: float | None = Field(
+        None,
+        ge=0,
+        le=1,
+        description="Probabilities below this are 0 in the saved map; with class_idx, each "
+        "kept label's mask is p >= proba_threshold.",
+    )
+    min_confidence: float | None = Field(
+        None, ge=0, le=1, description="Remove components whose maximum probability is below this."
+    )
+    intersect_with: str | None = Field(
+        None,
+        description="Mask under study_path (or stage_N, an earlier stage's mask) that candidate "
+        "components must overlap (see min_intersection).",
+    )
+    min_intersection: float = Field(
+        0.1,
+        ge=0,
+        le=1,
+        description="Least fraction of a component's voxels inside intersect_with to keep it.",
+    )
+    crop_from: str | None = Field(
+        None,
+        description="Mask under study_path (or stage_N) whose bounding box, plus crop_padding, "
+        "crops the inputs.",
+    )
+    crop_padding: tuple[int, int, int] = Field(
+        (10, 10, 10), description="Voxels added around the crop box (z, y, x)."
+    )
+    save_proba_map: bool = Field(
+        False, description="Export the probability map; needs proba_threshold."
+    )
+    segmentation_type: SegmentationType = Field(
+        "binary",
+        description="DICOM-SEG of the mask: binary (one frame per segment and slice) or "
+        "labelmap (the Label Map Segmentation SOP class).",
+    )
+    lossless_compression: bool = Field(
+        False, description="Compress the DICOM-SEG losslessly (RLE; needs labelmap)."
+    )
+    fractional_as_segments: bool = Field(
+        False,
+        description="Write the probability map as a categorical SEG of probability bins (one "
+        "segment per bin of the fractional template) instead of a FRACTIONAL SEG.",
+    )
+
+    @field_validator("series_folders", "use_folds", "class_idx", mode="before")
+    @classmethod
+    def _single_value_as_list(cls, value: Any) -> Any:
+        return [value] if isinstance(value, int | str) else value
+
+    @field_validator("crop_padding", mode="before")
+    @classmethod
+    def _padding_on_every_axis(cls, value: Any) -> Any:
+        return (value, value, value) if isinstance(value, int) else value
+
+    @model_validator(mode="after")
+    def _proba_map_needs_threshold(self) -> "StageSettings":
+        if self.save_proba_map and self.proba_threshold is None:
+            raise ValueError("save_proba_map needs proba_threshold")
+        return self
+
+
+PER_MODEL_FIELDS = tuple(StageSettings.model_fields)
+
+
+def _is_list_valued(annotation: Any) -> bool:
+    """True for list[...] and tuple[...] fields, optional or not."""
+    options = get_args(annotation) if get_origin(annotation) is not list else (annotation,)
+    return any(get_origin(option) in (list, tuple) for option in (annotation, *options))
+
+
+PER_MODEL_LIST_FIELDS = tuple(
+    name for name, info in StageSettings.model_fields.items() if _is_list_valued(info.annotation)
+)
+
+
+def default_text(name: str) -> str:
+    """' Default: X.' for a per-model field with a server default, else ''."""
+    info = StageSettings.model_fields[name]
+    if info.is_required():
+        return ""
+    default = info.get_default(call_default_factory=True)
+    return "" if default is None else f" Default: {default}."
+
+
+def _per_model_field(name: str, info: FieldInfo) -> tuple[Any, Any]:
+    """The request form of a per-model field: shared, or one value per model; null = not given."""
+    annotation = info.annotation
+    if name in PER_MODEL_LIST_FIELDS:
+        (item,) = {
+            get_args(option)[0]
+            for option in (annotation, *get_args(annotation))
+            if get_origin(option) in (list, tuple)
+        }
+        request_type = item | list[item] | list[list[item] | None] | None
+    else:
+        request_type = annotation | list[annotation | None] | None
+    description = f"{info.description}{default_text(name)}"
+    return request_type, Field(None, description=description)
+
+
+class RequestFields(BaseModel):
+    """The fields of a request that apply to all of its models."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -25,69 +162,15 @@ class InferenceRequest(BaseModel):
         description="Model id, name or alias; a list runs the models as a cascade."
     )
     study_path: str = Field(description="Root folder of the study; series_folders are under it.")
-    series_folders: list[str] | list[list[str]] | None = Field(
-        None,
-        description="Series under study_path, one list per model: a folder holding one image "
-        "or DICOM series, or an image file. The first series sets the grid; others are "
-        "resampled onto it. May come from the model's default_args.",
-    )
     output_dir: str = Field(description="Folder for the outputs; stage_N/ folders go in it.")
-    class_idx: int | list[int | list[int] | None] | None = Field(
-        None, description="Labels to keep in the mask and the probability map. Default: all."
-    )
-    checkpoint_name: str | list[str | None] | None = Field(
-        None, description="Checkpoint file in each fold folder. Default: checkpoint_final.pth."
-    )
     tmp_dir: str = Field(
         ".tmp",
         description="Accepted for compatibility; outputs are staged inside output_dir so that "
         "the final move is atomic.",
     )
     is_dicom: bool = Field(False, description="Inputs are DICOM series; also export DICOM.")
-    tta: bool | list[bool | None] | None = Field(
-        None, description="Test-time mirroring. Default: true."
-    )
-    use_folds: list[FoldId] | list[list[FoldId] | None] | None = Field(
-        None, description="Folds to ensemble. Default: [0]."
-    )
-    proba_threshold: float | list[float | None] | None = Field(
-        None, description="Probabilities below this are set to 0 in the saved map."
-    )
-    min_confidence: float | list[float | None] | None = Field(
-        None, description="Remove components whose maximum probability is below this."
-    )
-    intersect_with: str | list[str | None] | None = Field(
-        None, description="Mask that candidate components must overlap (see min_intersection)."
-    )
-    min_intersection: float | list[float | None] | None = Field(
-        None,
-        description="Least fraction of a component's voxels inside intersect_with. Default: 0.1.",
-    )
-    crop_from: str | list[str | None] | None = Field(
-        None, description="Mask whose bounding box (plus crop_padding) crops the inputs."
-    )
-    crop_padding: list[int] | list[list[int] | None] | None = Field(
-        None, description="Voxels added around the crop box (z, y, x). Default: [10, 10, 10]."
-    )
     cascade_mode: CascadeMode | list[CascadeMode] = Field(
         "intersect", description="How stage i's mask limits stage i+1, per transition."
-    )
-    save_proba_map: bool | list[bool | None] | None = Field(
-        None, description="Export probability maps; needs proba_threshold. Default: false."
-    )
-    segmentation_type: SegmentationType | list[SegmentationType | None] | None = Field(
-        None,
-        description="DICOM-SEG of the mask: binary (one frame per segment and slice) or "
-        "labelmap (the Label Map Segmentation SOP class). Default: binary.",
-    )
-    lossless_compression: bool | list[bool | None] | None = Field(
-        None, description="Compress the DICOM-SEG losslessly. Default: false."
-    )
-    fractional_as_segments: bool | list[bool | None] | None = Field(
-        None,
-        description="Write the probability map as a categorical SEG of probability bins (one "
-        "segment per bin of the fractional template) instead of a FRACTIONAL SEG. "
-        "Default: false.",
     )
     save_nifti_inputs: bool = Field(False, description="Export the input volumes as NIfTI.")
     save_rt_struct_output: bool = Field(False, description="Also export an RT Struct (DICOM).")
@@ -105,45 +188,15 @@ class InferenceRequest(BaseModel):
         return [self.nnunet_id] if isinstance(self.nnunet_id, str) else list(self.nnunet_id)
 
 
-class StageSettings(BaseModel):
-    """The settings of one model of a request, after defaults are merged in.
-
-    The defaults here are the server's: they apply where neither the request nor the model's
-    default_args give a value.
-    """
-
-    model_config = ConfigDict(extra="forbid")
-
-    series_folders: list[str] = Field(min_length=1)
-    checkpoint_name: str = "checkpoint_final.pth"
-    tta: bool = True
-    use_folds: list[FoldId] = Field(default_factory=lambda: [0], min_length=1)
-    class_idx: list[int] | None = None
-    proba_threshold: float | None = Field(None, ge=0, le=1)
-    min_confidence: float | None = Field(None, ge=0, le=1)
-    intersect_with: str | None = None
-    min_intersection: float = Field(0.1, ge=0, le=1)
-    crop_from: str | None = None
-    crop_padding: tuple[int, int, int] = (10, 10, 10)
-    save_proba_map: bool = False
-    segmentation_type: SegmentationType = "binary"
-    lossless_compression: bool = False
-    fractional_as_segments: bool = False
-
-    @field_validator("class_idx", mode="before")
-    @classmethod
-    def _class_idx_as_list(cls, value: Any) -> Any:
-        return [value] if isinstance(value, int) else value
-
-    @model_validator(mode="after")
-    def _proba_map_needs_threshold(self) -> "StageSettings":
-        if self.save_proba_map and self.proba_threshold is None:
-            raise ValueError("save_proba_map needs proba_threshold")
-        return self
-
-
-PER_MODEL_LIST_FIELDS = ("series_folders", "use_folds", "crop_padding", "class_idx")
-PER_MODEL_FIELDS = tuple(StageSettings.model_fields)
+InferenceRequest = create_model(
+    "InferenceRequest",
+    __base__=RequestFields,
+    __doc__="Body of POST /infer: the seed's request. Per-model fields take one value for "
+    "every model, or a list with one value per model; list-valued ones (series_folders, "
+    "use_folds, crop_padding, class_idx) take a flat list for every model, or a list of lists. "
+    "A value not given (null) comes from the model's default_args, else the server default.",
+    **{name: _per_model_field(name, info) for name, info in StageSettings.model_fields.items()},
+)
 
 
 def _is_per_model_list(value: Any) -> bool:

@@ -8,7 +8,6 @@ Sequence. A writer saves to ``path.with_suffix('.partial')`` and renames it to `
 a failed write never leaves a file at ``path``.
 """
 
-import os
 from collections.abc import Sequence
 from concurrent.futures import Executor
 from pathlib import Path
@@ -149,13 +148,8 @@ def _segmentation(
 
 
 def _save(seg: hd.seg.Segmentation, path: Path) -> None:
-    """Write ``seg`` to a ``.partial`` sibling, then rename it to ``path``."""
-    partial = path.with_suffix(".partial")
-    try:
-        seg.save_as(partial, enforce_file_format=True)
-        os.replace(partial, path)
-    finally:
-        partial.unlink(missing_ok=True)
+    """Write ``seg`` as a DICOM file; callers write into OutputStaging, which makes it atomic."""
+    seg.save_as(path, enforce_file_format=True)
 
 
 def _write_empty(

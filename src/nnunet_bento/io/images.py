@@ -100,20 +100,6 @@ def nnunet_properties(reference: sitk.Image, nnunet_spacing: list[float]) -> dic
     }
 
 
-def crop_input(image: NnunetInput, box: tuple[slice, slice, slice]) -> NnunetInput:
-    """The stack inside ``box`` (z, y, x slices), with the geometry of that region."""
-    z, y, x = box
-    size = [x.stop - x.start, y.stop - y.start, z.stop - z.start]
-    index = [x.start, y.start, z.start]
-    reference = image.reference
-    if reference.GetDimension() == 2:
-        size, index = size[:2], index[:2]
-    cropped = sitk.RegionOfInterest(reference, size, index)
-    return NnunetInput(
-        image.array[:, z, y, x], nnunet_properties(cropped, image.properties["spacing"]), cropped
-    )
-
-
 def image_like(array: np.ndarray, reference: sitk.Image) -> sitk.Image:
     """A SimpleITK image of ``array`` (z, y, x) on the grid of ``reference``."""
     if reference.GetDimension() == 2 and array.ndim == 3:

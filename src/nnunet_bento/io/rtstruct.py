@@ -11,7 +11,6 @@ the source series; and its "Qurit" branding gives way to the algorithm and model
 
 import datetime
 import os
-import secrets
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -57,7 +56,7 @@ def write_rtstruct(
         )
     _fix_contour_data(rtstruct, source)
     _describe(rtstruct, source, identity, series_description)
-    _save_atomically(rtstruct.ds, path)
+    rtstruct.ds.save_as(path, enforce_file_format=True)
     return True
 
 
@@ -174,13 +173,3 @@ def _describe(
 def _fit(text: str, length: int) -> str:
     """``text`` cut to the most characters its value representation allows."""
     return text[:length]
-
-
-def _save_atomically(ds: pydicom.Dataset, path: Path) -> None:
-    """Write ``ds`` under a temporary name next to ``path``, then rename it into place."""
-    temporary = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    try:
-        ds.save_as(temporary, enforce_file_format=True)
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)

@@ -10,8 +10,8 @@ from unittest import mock
 
 import numpy as np
 
+from ..catalog.model_folder import ModelDescription, describe_model_folder
 from ..errors import NnunetBentoError, RequestError
-from ..model_folder import ModelDescription, describe_model_folder
 from .device import DeviceSelector
 from .protocol import PredictionJob, PredictionResult, RunnerFailure
 from .trainer_lookup import find_trainer_class

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import ModelFolderError, SpecError
+from ..errors import ModelFolderError, SpecError
 
 SUB_MODES = ("fastest", "fast")
 #: Category and type of a class that TotalSegmentator's SNOMED mapping does not list.

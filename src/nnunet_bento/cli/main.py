@@ -6,11 +6,11 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from .errors import NnunetBentoError, SpecError
-from .io.seg_metadata import validate_metadata
-from .predict_cli import add_predict_arguments, predict
-from .spec import MetadataPath, load_spec
-from .store import import_model
+from ..catalog.spec import MetadataPath, load_spec
+from ..catalog.store import import_model
+from ..errors import NnunetBentoError, SpecError
+from ..io.seg_metadata import validate_metadata
+from .predict import add_predict_arguments, predict
 
 
 def cmd_import_model(args: argparse.Namespace) -> None:

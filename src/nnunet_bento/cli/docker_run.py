@@ -12,7 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from .predict_cli import add_predict_arguments
+from .predict import add_predict_arguments
 
 #: predict flags whose value is a path on the host, and whether the container may write it.
 PATH_FLAGS = {

@@ -1,4 +1,8 @@
-"""A stage's DICOM outputs: DICOM-SEG of the mask, the probability map as SEG, RT Struct."""
+"""Every output of a stage: the NIfTI mask, probability map and inputs, and for DICOM input
+the DICOM-SEG of the mask, the probability map as SEG and the RT Struct.
+
+Files are written into an OutputStaging, which moves them into place when the request ends.
+"""
 
 import hashlib
 from dataclasses import dataclass
@@ -6,19 +10,60 @@ from functools import cache
 from pathlib import Path
 
 import numpy as np
+import SimpleITK as sitk
 
 from . import __version__
+from .catalog.model_folder import file_sha256
+from .catalog.registry import RegisteredModel
 from .io.dicom_seg import (
     write_binned_segmentation,
     write_fractional_segmentation,
     write_label_segmentation,
 )
 from .io.dicom_source import AlgorithmIdentity, DicomSource
+from .io.images import NnunetInput, image_like, segmentation_dtype
 from .io.rtstruct import write_rtstruct
 from .io.staging import OutputStaging
-from .model_folder import file_sha256
-from .registry import RegisteredModel
-from .request import StageSettings
+from .request import InferenceRequest, StageOutputs, StageSettings
+from .stage import Stage, StageInput, StageMasks
+
+
+@dataclass(frozen=True)
+class OutputLayout:
+    """Output file names by kind, relative to output_dir: templates of {stage}, {suffix}
+    (``_<suffix>`` or nothing) and, for inputs, {channel}."""
+
+    templates: dict[str, str]
+
+    def path(self, kind: str, stage: int, suffix: str | None, channel: int = 0) -> str:
+        return self.templates[kind].format(
+            stage=stage, suffix=f"_{suffix}" if suffix else "", channel=channel
+        )
+
+
+#: /infer: one folder per stage, the seed API's names.
+API_LAYOUT = OutputLayout(
+    {
+        "prediction": "stage_{stage}/prediction{suffix}.nii.gz",
+        "proba": "stage_{stage}/proba{suffix}.nii.gz",
+        "input": "stage_{stage}/volume_{channel:04d}{suffix}.nii.gz",
+        "segmentation": "stage_{stage}/prediction{suffix}.dcm",
+        "fractional_segmentation": "stage_{stage}/proba{suffix}.dcm",
+        "struct": "stage_{stage}/struct{suffix}.dcm",
+    }
+)
+#: The seed's command line: one model, files directly in output_dir, its names.
+CLI_LAYOUT = OutputLayout(
+    {
+        "prediction": "prediction{suffix}.nii.gz",
+        "proba": "probabilities{suffix}.nii.gz",
+        "input": "volume_{channel:04d}{suffix}.nii.gz",
+        "segmentation": "prediction{suffix}.dcm",
+        "fractional_segmentation": "proba{suffix}.dcm",
+        "struct": "struct{suffix}.dcm",
+    }
+)
+DICOM_KINDS = ("segmentation", "fractional_segmentation", "struct")
 
 
 @dataclass(frozen=True)
@@ -126,3 +171,60 @@ def export_dicom(
     ):
         written["struct"] = str(staging.final_path(names["struct"]))
     return DicomOutputs(**written)
+
+
+def probability_image(probabilities: np.ndarray, image: NnunetInput) -> sitk.Image:
+    """One label: a 3D float32 image; several: 4D, the labels along the last axis."""
+    volumes = [image_like(volume.astype(np.float32), image.reference) for volume in probabilities]
+    return volumes[0] if len(volumes) == 1 else sitk.JoinSeries(volumes)
+
+
+def write_image(image: sitk.Image, path: Path) -> None:
+    sitk.WriteImage(image, str(path), useCompression=True)
+
+
+def export_stage(
+    request: InferenceRequest,
+    stage: Stage,
+    stage_input: StageInput,
+    masks: StageMasks,
+    staging: OutputStaging,
+    layout: OutputLayout,
+) -> StageOutputs:
+    """Write every output the request asks of this stage into ``staging``."""
+    suffix = request.suffix
+    image = stage_input.image
+    segmentation = masks.segmentation.astype(segmentation_dtype(masks.segmentation))
+    prediction = layout.path("prediction", stage.index, suffix)
+    write_image(image_like(segmentation, image.reference), staging.path(prediction))
+    outputs = StageOutputs(
+        stage=stage.index,
+        nnunet_id=stage.model.id,
+        is_empty=not segmentation.any(),
+        nifti_prediction=str(staging.final_path(prediction)),
+    )
+    if masks.probabilities is not None:
+        proba = layout.path("proba", stage.index, suffix)
+        write_image(probability_image(masks.probabilities, image), staging.path(proba))
+        outputs.nifti_proba = str(staging.final_path(proba))
+    if request.save_nifti_inputs:
+        for channel in range(image.array.shape[0]):
+            name = layout.path("input", stage.index, suffix, channel)
+            write_image(image_like(image.array[channel], image.reference), staging.path(name))
+            outputs.nifti_inputs.append(str(staging.final_path(name)))
+    if stage_input.dicom_source is not None:
+        dicom = export_dicom(
+            stage.model,
+            stage.settings,
+            stage_input.dicom_source,
+            segmentation,
+            masks.probabilities,
+            masks.labels,
+            staging,
+            {kind: layout.path(kind, stage.index, suffix) for kind in DICOM_KINDS},
+            rt_struct=request.save_rt_struct_output,
+        )
+        outputs.dicom_segmentation = dicom.segmentation
+        outputs.dicom_fractional_segmentation = dicom.fractional_segmentation
+        outputs.dicom_struct = dicom.struct
+    return outputs

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import ModelFolderError
+from ..errors import ModelFolderError
 from .model_folder import (
     CHECKPOINT_GLOB,
     describe_model_folder,

@@ -7,10 +7,10 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from .errors import ModelFolderError, RequestError, SpecError
-from .io.seg_metadata import MetadataError, SegmentationMetadata, load_metadata
+from ..errors import ModelFolderError, RequestError, SpecError
+from ..io.seg_metadata import MetadataError, SegmentationMetadata, load_metadata
+from ..request import PER_MODEL_FIELDS, InferenceRequest, StageSettings, format_validation_error
 from .model_folder import ModelDescription, describe_model_folder
-from .request import PER_MODEL_FIELDS, InferenceRequest, StageSettings, format_validation_error
 from .spec import MetadataPath, ModelEntry, ServeSpec
 from .store import stored_model
 from .totalseg import parse_task, task_folder, task_metadata

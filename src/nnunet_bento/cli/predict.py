@@ -9,15 +9,16 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from .errors import NnunetBentoError
-from .jobs import JobReporter
-from .pipeline import CLI_LAYOUT, STEPS, SegmentationPipeline
-from .registry import Registry, build_registry
-from .request import InferenceRequest
-from .runners.device import DeviceSelector
-from .runners.nnunet_runner import RunnerModel, RunnerSet
-from .settings import load_settings
-from .spec import MetadataPath, ModelEntry, ServeSpec, load_spec
+from ..catalog.registry import Registry, build_registry
+from ..catalog.spec import MetadataPath, ModelEntry, ServeSpec, load_spec
+from ..errors import NnunetBentoError
+from ..export import CLI_LAYOUT
+from ..jobs import JobReporter
+from ..pipeline import STEPS, SegmentationPipeline
+from ..request import InferenceRequest
+from ..runners.device import DeviceSelector
+from ..runners.nnunet_runner import RunnerModel, RunnerSet
+from ..settings import load_settings
 
 logger = logging.getLogger("nnunet_bento.predict")
 

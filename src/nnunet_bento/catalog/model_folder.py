@@ -6,7 +6,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import ModelFolderError
+from ..errors import ModelFolderError
 
 CHECKPOINT_GLOB = "checkpoint_*.pth"
 

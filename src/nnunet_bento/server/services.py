@@ -16,21 +16,21 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from .errors import NnunetBentoError, SpecError, error_for_status
-from .pipeline import SegmentationPipeline
-from .registry import Registry, build_registry
-from .request import InferenceRequest
-from .runners.device import DeviceSelector
-from .runners.nnunet_runner import RunnerModel, RunnerSet
-from .runners.protocol import (
+from ..catalog.registry import Registry, build_registry
+from ..catalog.spec import load_spec
+from ..errors import NnunetBentoError, SpecError, error_for_status
+from ..pipeline import SegmentationPipeline
+from ..request import InferenceRequest
+from ..runners.device import DeviceSelector
+from ..runners.nnunet_runner import RunnerModel, RunnerSet
+from ..runners.protocol import (
     PredictionJob,
     PredictionResult,
     RunnerFailure,
     from_wire,
     to_wire,
 )
-from .settings import ServeSettings, load_settings
-from .spec import load_spec
+from ..settings import ServeSettings, load_settings
 
 logger = logging.getLogger("nnunet_bento")
 

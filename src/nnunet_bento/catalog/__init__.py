@@ -1,0 +1,1 @@
+"""The model catalog: the serve spec, the model store, model folders, TotalSegmentator tasks."""

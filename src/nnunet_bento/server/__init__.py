@@ -1,0 +1,1 @@
+"""The HTTP door: BentoML services, routes, request guards and error bodies."""

@@ -1,0 +1,119 @@
+"""ASGI middleware that guards the HTTP door: Origin, CORS, bearer token and Content-Type.
+
+It decides from the request headers alone, never reads the request body and never echoes the
+token. Its refusals are JSON in the seed's shape: {"status": "failed", "error": ...}.
+"""
+
+import hmac
+from collections.abc import Sequence
+
+from starlette.datastructures import Headers, MutableHeaders
+from starlette.responses import JSONResponse, Response
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
+JSON = "application/json"
+MULTIPART = "multipart/form-data"
+PREFLIGHT_HEADERS = {
+    "Access-Control-Allow-Methods": "GET, POST, DELETE",
+    "Access-Control-Allow-Headers": "Authorization, Content-Type",
+    "Access-Control-Max-Age": "600",
+}
+TOKEN_ERROR = "missing or invalid bearer token (Authorization: Bearer <token>)"
+
+
+def bearer_token_matches(header: str | None, token: str) -> bool:
+    """True when an Authorization header is `Bearer <token>` (constant-time comparison)."""
+    if not header or not token:
+        return False
+    scheme, _, given = header.partition(" ")
+    return scheme.lower() == "bearer" and hmac.compare_digest(
+        given.strip().encode(), token.encode()
+    )
+
+
+def _failed(status_code: int, error: str, headers: dict[str, str] | None = None) -> Response:
+    """A JSON error response in the seed's shape."""
+    return JSONResponse({"status": "failed", "error": error}, status_code, headers=headers)
+
+
+def _media_type(content_type: str | None) -> str:
+    """The media type of a Content-Type header: lower-case, without parameters."""
+    return (content_type or "").split(";", 1)[0].strip().lower()
+
+
+def _with_cors(send: Send, origin: str) -> Send:
+    """Wrap send so that every response start allows origin and varies on Origin."""
+
+    async def send_with_cors(message: Message) -> None:
+        if message["type"] == "http.response.start":
+            headers = MutableHeaders(scope=message)
+            headers["Access-Control-Allow-Origin"] = origin
+            headers.add_vary_header("Origin")
+        await send(message)
+
+    return send_with_cors
+
+
+class RequestGuard:
+    """Refuses foreign origins, missing bearer tokens and unexpected Content-Types; adds CORS."""
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        token: str | None,
+        allowed_origins: Sequence[str] = (),
+        open_paths: Sequence[str] = ("/readyz", "/livez", "/metrics"),
+        multipart_paths: Sequence[str] = (),
+    ) -> None:
+        if token == "":
+            raise ValueError("token must not be empty; pass None to turn the token check off")
+        self.app = app
+        self.token = token
+        self.allowed_origins = frozenset(origin.rstrip("/") for origin in allowed_origins)
+        self.open_paths = frozenset(open_paths)
+        self.multipart_paths = frozenset(multipart_paths)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = Headers(scope=scope)
+        origin = headers.get("origin")
+        if origin is not None and not self._origin_accepted(scope, headers, origin):
+            error = f"origin {origin} is not allowed; set NNUNET_BENTO_ALLOWED_ORIGINS to allow it"
+            await _failed(403, error)(scope, receive, send)
+            return
+        if origin is not None and origin.rstrip("/") in self.allowed_origins:
+            send = _with_cors(send, origin)
+            if scope["method"] == "OPTIONS" and "access-control-request-method" in headers:
+                await Response(status_code=204, headers=PREFLIGHT_HEADERS)(scope, receive, send)
+                return
+        refusal = self._token_refusal(scope, headers) or self._content_type_refusal(scope, headers)
+        await (refusal or self.app)(scope, receive, send)
+
+    def _origin_accepted(self, scope: Scope, headers: Headers, origin: str) -> bool:
+        """True for the server's own origin (scheme + Host) or a configured allowed origin."""
+        origin = origin.rstrip("/")
+        own = f"{scope['scheme']}://{headers.get('host', '')}"
+        return origin == own or origin in self.allowed_origins
+
+    def _token_refusal(self, scope: Scope, headers: Headers) -> Response | None:
+        """A 401 when a token is configured and this non-open path lacks it, else None."""
+        if self.token is None or scope["path"] in self.open_paths:
+            return None
+        if bearer_token_matches(headers.get("authorization"), self.token):
+            return None
+        return _failed(401, TOKEN_ERROR, {"WWW-Authenticate": "Bearer"})
+
+    def _content_type_refusal(self, scope: Scope, headers: Headers) -> Response | None:
+        """A 415 when a body-carrying request's media type is not accepted here, else None."""
+        if scope["method"] not in BODY_METHODS:
+            return None
+        accepted = (JSON, MULTIPART) if scope["path"] in self.multipart_paths else (JSON,)
+        sent = _media_type(headers.get("content-type"))
+        if sent in accepted:
+            return None
+        what = f"Content-Type {sent} is not accepted" if sent else "Content-Type is missing"
+        return _failed(415, f"{what}; send {' or '.join(accepted)}")

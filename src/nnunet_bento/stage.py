@@ -1,0 +1,42 @@
+"""One model of a request, and what flows through its steps: input, masks, outputs."""
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .catalog.registry import RegisteredModel
+from .io.dicom_source import DicomSource
+from .io.images import NnunetInput
+from .request import CascadeMode, StageSettings
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One model of a request with its merged settings."""
+
+    index: int
+    model: RegisteredModel
+    settings: StageSettings
+    cascade_mode: CascadeMode | None = None
+
+    @property
+    def labels(self) -> tuple[int, ...]:
+        """The model's foreground label values; probabilities are indexed like this."""
+        return tuple(self.model.description.foreground_labels.values())
+
+
+@dataclass(frozen=True)
+class StageInput:
+    """What a stage read: the image stack for nnU-Net, and the DICOM series it came from."""
+
+    image: NnunetInput
+    dicom_source: DicomSource | None
+
+
+@dataclass(frozen=True)
+class StageMasks:
+    """A stage's mask after post-processing, and the probability map to save (if asked)."""
+
+    segmentation: np.ndarray
+    probabilities: np.ndarray | None
+    labels: tuple[int, ...]
