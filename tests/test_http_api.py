@@ -398,3 +398,40 @@ def test_cli_predict_equals_infer_on_the_same_input(served, study, tmp_path):
             sitk.GetArrayFromImage(cli_image), sitk.GetArrayFromImage(api_image)
         )
         assert cli_image.GetOrigin() == api_image.GetOrigin()
+
+
+def test_cli_flags_not_given_leave_the_spec_default_args_in_force(served, study, tmp_path):
+    """`predict -m organ -t` runs with the spec's folds (0, 1), as /infer naming no folds."""
+    response = served.client.infer(
+        nnunet_id="organ",
+        study_path=str(study),
+        series_folders=["T2"],
+        output_dir=str(tmp_path / "api"),
+        save_proba_map=True,
+        proba_threshold=0.0,
+    )
+    cli = subprocess.run(
+        [
+            *(sys.executable, "-m", "nnunet_bento.cli", "predict", "-i", str(study / "T2")),
+            *("-m", "organ", "-o", str(tmp_path / "cli"), "-t", "-p", "--proba_threshold", "0"),
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+        cwd=REPO,
+    )
+    assert cli.returncode == 0, cli.stderr
+    api = sitk.GetArrayFromImage(sitk.ReadImage(response["nifti_proba"][0]))
+    local = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "cli" / "probabilities.nii.gz")))
+    np.testing.assert_allclose(local, api, atol=1e-3)
+    one_fold = served.client.infer(
+        nnunet_id="organ",
+        study_path=str(study),
+        series_folders=["T2"],
+        output_dir=str(tmp_path / "fold0"),
+        use_folds=[0],
+        save_proba_map=True,
+        proba_threshold=0.0,
+    )
+    fold0 = sitk.GetArrayFromImage(sitk.ReadImage(one_fold["nifti_proba"][0]))
+    assert np.abs(fold0 - local).max() > 1e-2, "the CLI ensembled folds 0 and 1, not fold 0 alone"

@@ -137,6 +137,11 @@ def default_text(name: str) -> str:
     return "" if default is None else f" Default: {default}."
 
 
+def field_help(name: str) -> str:
+    """A per-model field's description with its server default, for the CLI's help."""
+    return f"{StageSettings.model_fields[name].description}{default_text(name)}"
+
+
 def _per_model_field(name: str, info: FieldInfo) -> tuple[Any, Any]:
     """The request form of a per-model field: shared, or one value per model; null = not given."""
     annotation = info.annotation
@@ -149,8 +154,7 @@ def _per_model_field(name: str, info: FieldInfo) -> tuple[Any, Any]:
         request_type = item | list[item] | list[list[item] | None] | None
     else:
         request_type = annotation | list[annotation | None] | None
-    description = f"{info.description}{default_text(name)}"
-    return request_type, Field(None, description=description)
+    return request_type, Field(None, description=field_help(name))
 
 
 class RequestFields(BaseModel):

@@ -269,6 +269,8 @@ def _install(
     """Download into ``temp``, check, extract there, then move the dataset folder to weights."""
     archive_path = temp / "weights.zip"
     _fetch(task, url, archive_path, timeout_s, max_bytes)
+    if not zipfile.is_zipfile(archive_path):
+        raise _Refused("the response is not a zip archive")
     extracted = temp / "extracted"
     with zipfile.ZipFile(archive_path) as archive:
         dataset = _check_archive(archive, task, max_bytes, max_entries)
@@ -324,7 +326,7 @@ def _check_archive(
         raise _Refused(f"the archive has {len(entries)} entries, more than {max_entries}")
     size = sum(entry.file_size for entry in entries)
     if size > max_bytes:
-        raise _Refused(f"the archive unpacks to {size} bytes, more than {max_bytes}")
+        raise _Refused(f"the archive unpacks to {size} bytes, more than {max_bytes} bytes")
     for entry in entries:
         _check_entry(entry)
     return _dataset_folder([entry.filename for entry in entries], task)

@@ -74,9 +74,12 @@ def predict_argv(
         if action.dest in ("help", "container", "gpus", "dry_run"):
             continue
         value = getattr(args, action.dest)
+        flag = action.option_strings[0]
+        if value is False and isinstance(action, argparse.BooleanOptionalAction):
+            argv.append(f"--no-{flag.removeprefix('--')}")
+            continue
         if value is None or value is False or value == action.default:
             continue
-        flag = action.option_strings[0]
         if action.dest in PATH_FLAGS:
             writable = PATH_FLAGS[action.dest]
             values = value if isinstance(value, list) else [value]

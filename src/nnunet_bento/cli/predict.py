@@ -15,7 +15,7 @@ from ..errors import NnunetBentoError
 from ..export import CLI_LAYOUT
 from ..jobs import JobReporter
 from ..pipeline import STEPS, SegmentationPipeline
-from ..request import InferenceRequest
+from ..request import InferenceRequest, field_help
 from ..runners.device import DeviceSelector
 from ..runners.nnunet_runner import RunnerModel, RunnerSet
 from ..settings import load_settings
@@ -24,7 +24,11 @@ logger = logging.getLogger("nnunet_bento.predict")
 
 
 def add_predict_arguments(parser: argparse.ArgumentParser) -> None:
-    """Every flag of the seed's entrypoint-prod.py, with its long and short names."""
+    """Every flag of the seed's entrypoint-prod.py, with its long and short names.
+
+    A per-model flag that is not given stays None, so that the model's default_args apply;
+    its help is the request field's description and server default.
+    """
     add = parser.add_argument
     add("--series_paths", "-i", nargs="+", required=True, help="Path to input series")
     add(
@@ -33,12 +37,7 @@ def add_predict_arguments(parser: argparse.ArgumentParser) -> None:
         required=True,
         help="nnU-Net model folder, a model id of MODEL_SERVE_SPEC, or a Bento model tag",
     )
-    add(
-        "--checkpoint_name",
-        "-ckpt",
-        default="checkpoint_final.pth",
-        help="Checkpoint name for nnUNet",
-    )
+    add("--checkpoint_name", "-ckpt", help=field_help("checkpoint_name"))
     add("--output_dir", "-o", required=True, help="Path to output directory")
     add("--metadata_path", "-M", help="Path to metadata template for DICOM-Seg output")
     add(
@@ -49,9 +48,9 @@ def add_predict_arguments(parser: argparse.ArgumentParser) -> None:
     add("--empty_segment_metadata", help="Path to metadata template for when predictions are empty")
     add(
         "--fractional_as_segments",
-        action="store_true",
-        help="Converts the fractional output to a categorical DICOM-Seg with discretized "
-        "probabilities (one bin per segment of the fractional template)",
+        action="store_const",
+        const=True,
+        help=field_help("fractional_as_segments"),
     )
     add(
         "--study_uid",
@@ -59,14 +58,8 @@ def add_predict_arguments(parser: argparse.ArgumentParser) -> None:
         help="Study UID if series are SimpleITK-readable files (recorded in the job log; DICOM "
         "outputs take their study from DICOM inputs)",
     )
-    add(
-        "--folds",
-        "-f",
-        nargs="+",
-        default=["0"],
-        help="Sets which folds should be used with nnUNet",
-    )
-    add("--tta", "-t", action="store_true", help="Uses test-time augmentation during prediction")
+    add("--folds", "-f", nargs="+", help=field_help("use_folds"))
+    add("--tta", "-t", action=argparse.BooleanOptionalAction, help=field_help("tta"))
     add(
         "--tmp_dir",
         default=".tmp",
@@ -82,20 +75,12 @@ def add_predict_arguments(parser: argparse.ArgumentParser) -> None:
     add(
         "--proba_map",
         "-p",
-        action="store_true",
-        help="Produces a Nifti format probability map (probabilities.nii.gz in output_dir); "
-        "needs --proba_threshold",
+        action="store_const",
+        const=True,
+        help=f"{field_help('save_proba_map')} Written as probabilities.nii.gz in output_dir.",
     )
-    add(
-        "--proba_threshold",
-        type=float,
-        help="Sets probabilities in proba_map lower than proba_threshold to 0",
-    )
-    add(
-        "--min_confidence",
-        type=float,
-        help="Removes objects whose max prob is smaller than min_confidence",
-    )
+    add("--proba_threshold", type=float, help=field_help("proba_threshold"))
+    add("--min_confidence", type=float, help=field_help("min_confidence"))
     add(
         "--rt_struct_output",
         action="store_true",
@@ -107,18 +92,9 @@ def add_predict_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="Moves Nifti inputs to output folder (volume_XXXX.nii.gz in output_dir)",
     )
-    add(
-        "--intersect_with",
-        help="Mask image; candidates whose fraction of voxels inside it is below "
-        "--min_intersection are ruled out",
-    )
-    add(
-        "--min_intersection",
-        type=float,
-        default=0.1,
-        help="Minimum fraction of a candidate inside --intersect_with to keep it",
-    )
-    add("--class_idx", type=int, help="Class index.")
+    add("--intersect_with", help=field_help("intersect_with"))
+    add("--min_intersection", type=float, help=field_help("min_intersection"))
+    add("--class_idx", type=int, nargs="+", help=field_help("class_idx"))
     add("--suffix", help="Adds a suffix (_suffix) to the outputs if specified.")
     add("--job_id", help="Job ID that will be used to post job status/create log file")
     add("--update_url", help="URL to be used to post job status")
@@ -162,7 +138,7 @@ def request_from(args: argparse.Namespace, model_id: str) -> InferenceRequest:
         series_folders=[str(p.relative_to(study)) for p in series],
         output_dir=str(Path(args.output_dir).resolve()),
         checkpoint_name=args.checkpoint_name,
-        use_folds=[int(f) if f.isdigit() else f for f in args.folds],
+        use_folds=args.folds and [int(f) if f.isdigit() else f for f in args.folds],
         tta=args.tta,
         tmp_dir=args.tmp_dir,
         is_dicom=args.is_dicom,

@@ -1,9 +1,18 @@
-"""ASGI middleware that gives every JSON error the seed's shape: {status: failed, error}."""
+"""The seed's error body, {status: failed, error}, for our errors and BentoML's own."""
 
 import json
 from typing import Any
 
+from starlette.responses import JSONResponse
+
 Message = dict[str, Any]
+
+
+def error_response(
+    status_code: int, message: str, headers: dict[str, str] | None = None
+) -> JSONResponse:
+    """The seed's error body with its HTTP status."""
+    return JSONResponse({"status": "failed", "error": message}, status_code, headers=headers)
 
 
 def seed_error_body(body: bytes) -> bytes:

@@ -8,8 +8,10 @@ import hmac
 from collections.abc import Sequence
 
 from starlette.datastructures import Headers, MutableHeaders
-from starlette.responses import JSONResponse, Response
+from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from .error_body import error_response
 
 BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 JSON = "application/json"
@@ -30,11 +32,6 @@ def bearer_token_matches(header: str | None, token: str) -> bool:
     return scheme.lower() == "bearer" and hmac.compare_digest(
         given.strip().encode(), token.encode()
     )
-
-
-def _failed(status_code: int, error: str, headers: dict[str, str] | None = None) -> Response:
-    """A JSON error response in the seed's shape."""
-    return JSONResponse({"status": "failed", "error": error}, status_code, headers=headers)
 
 
 def _media_type(content_type: str | None) -> str:
@@ -83,7 +80,7 @@ class RequestGuard:
         origin = headers.get("origin")
         if origin is not None and not self._origin_accepted(scope, headers, origin):
             error = f"origin {origin} is not allowed; set NNUNET_BENTO_ALLOWED_ORIGINS to allow it"
-            await _failed(403, error)(scope, receive, send)
+            await error_response(403, error)(scope, receive, send)
             return
         if origin is not None and origin.rstrip("/") in self.allowed_origins:
             send = _with_cors(send, origin)
@@ -105,7 +102,7 @@ class RequestGuard:
             return None
         if bearer_token_matches(headers.get("authorization"), self.token):
             return None
-        return _failed(401, TOKEN_ERROR, {"WWW-Authenticate": "Bearer"})
+        return error_response(401, TOKEN_ERROR, {"WWW-Authenticate": "Bearer"})
 
     def _content_type_refusal(self, scope: Scope, headers: Headers) -> Response | None:
         """A 415 when a body-carrying request's media type is not accepted here, else None."""
@@ -116,4 +113,4 @@ class RequestGuard:
         if sent in accepted:
             return None
         what = f"Content-Type {sent} is not accepted" if sent else "Content-Type is missing"
-        return _failed(415, f"{what}; send {' or '.join(accepted)}")
+        return error_response(415, f"{what}; send {' or '.join(accepted)}")

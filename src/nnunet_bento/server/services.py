@@ -31,6 +31,7 @@ from ..runners.protocol import (
     to_wire,
 )
 from ..settings import ServeSettings, load_settings
+from .error_body import error_response
 
 logger = logging.getLogger("nnunet_bento")
 
@@ -110,11 +111,6 @@ class RemotePredictor:
         return outcome
 
 
-def failure(status_code: int, message: str) -> JSONResponse:
-    """The seed's error body."""
-    return JSONResponse({"status": "failed", "error": message}, status_code=status_code)
-
-
 class SegmentationServiceBase:
     """HTTP entry point: parses requests, runs the pipeline in a thread, answers JSON."""
 
@@ -137,10 +133,10 @@ class SegmentationServiceBase:
             logger.warning(
                 "request for %s failed: %s", request.nnunet_id, error, exc_info=self.settings.debug
             )
-            return failure(error.status_code, str(error))
+            return error_response(error.status_code, str(error))
         except Exception as error:
             logger.exception("request for %s failed", request.nnunet_id)
-            return failure(500, f"inference failed: {type(error).__name__}: {error}")
+            return error_response(500, f"inference failed: {type(error).__name__}: {error}")
         return response.model_dump(mode="json")
 
     @bentoml.api
