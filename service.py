@@ -3,11 +3,13 @@
 import bentoml
 
 from nnunet_bento.server.error_body import SeedErrorMiddleware
+from nnunet_bento.server.guard import RequestGuard
 from nnunet_bento.server.services import (
     ModelRunnerBase,
     SegmentationServiceBase,
     bento_model_attributes,
     build_get_routes,
+    guard_options,
     load_registry_or_exit,
     runner_config,
     segmentation_config,
@@ -34,3 +36,4 @@ SegmentationService = bentoml.service(**segmentation_config(SETTINGS))(
 )
 SegmentationService.mount_asgi_app(GET_ROUTES, path="/")
 SegmentationService.add_asgi_middleware(SeedErrorMiddleware)
+SegmentationService.add_asgi_middleware(RequestGuard, **guard_options(SETTINGS))

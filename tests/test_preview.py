@@ -114,7 +114,7 @@ def phantom() -> tuple[sitk.Image, np.ndarray]:
     mask[ellipsoid(image, (18, 24, 9), (12, 15, 16))] = 1
     mask[ellipsoid(image, (39, 10, 12), (4, 4, 8))] = 2
     mask[ellipsoid(image, (39, 38, 11), (4, 4, 8))] = 2
-    mask[ellipsoid(image, (6, 6, 12), (3, 3, 6))] = 7
+    mask[ellipsoid(image, (6, 6, 9), (3, 3, 6))] = 7
     return image, mask
 
 
@@ -142,6 +142,28 @@ def test_two_label_phantom_draws_outlines_on_the_mask_and_lists_volumes(phantom,
         expected = np.count_nonzero(mask == entry.label) * voxel_ml
         assert entry.volume_ml == pytest.approx(expected, rel=0.01)
     assert [s.components for s in summary.labels] == [1, 2]
+
+
+def test_slices_pass_through_an_off_centre_mask(tmp_path):
+    image = make_image((48, 48, 24), (0.9, 1.2, 2.5))
+    mask = np.zeros((24, 48, 48), np.uint8)
+    mask[ellipsoid(image, (8, 38, 4), (5, 5, 7))] = 1
+    mask[ellipsoid(image, (8, 38, 19), (5, 5, 7))] = 1
+    summary = preview(image, mask, tmp_path / "corner.png")
+    png = read_png(summary.path)
+    for panel in summary.panels:
+        assert_outline_on_mask(png, panel, mask, 1)
+    assert summary.labels[0].components == 2
+
+
+def test_components_touching_at_a_corner_are_one_26_connected_component(tmp_path):
+    image = make_image((16, 16, 8), (1.0, 1.0, 2.0))
+    mask = np.zeros((8, 16, 16), np.uint8)
+    mask[2:4, 2:5, 2:5] = 1
+    mask[4:6, 5:8, 5:8] = 1
+    mask[2:4, 10:13, 10:13] = 1
+    summary = preview(image, mask, tmp_path / "corner.png")
+    assert summary.labels[0].components == 2
 
 
 def test_outlines_are_at_least_two_pixels_wide(phantom, tmp_path):

@@ -3,12 +3,15 @@
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import bentoml
 import pytest
 
+from nnunet_bento.catalog.registry import build_registry
+from nnunet_bento.catalog.spec import ModelEntry, ServeSpec
 from nnunet_bento.catalog.store import import_model
-from nnunet_bento.errors import ModelFolderError
+from nnunet_bento.errors import ModelFolderError, SpecError
 
 
 def test_metadata_records_what_the_folder_says(demo_model_dirs):
@@ -92,3 +95,13 @@ def test_cli_reports_the_tag(demo_model_dirs):
         or "already in the model store" in completed.stdout
     )
     assert bentoml.models.get("organ2d-cli:latest")
+
+
+def test_a_checkpoint_changed_in_the_store_is_refused_at_start_up(demo_model_dirs, tmp_path):
+    tag = import_model(demo_model_dirs["organ2d"], "organ2d-tampered").tag
+    spec = ServeSpec(models=[ModelEntry(id="tampered", tag=tag)])
+    assert build_registry(spec).get("tampered").source.startswith("organ2d-tampered:")
+    checkpoint = Path(bentoml.models.get(tag).path) / "fold_0" / "checkpoint_final.pth"
+    checkpoint.write_bytes(checkpoint.read_bytes() + b"\0")
+    with pytest.raises(SpecError, match=r"checkpoint fold_0/checkpoint_final\.pth of .* changed"):
+        build_registry(spec)

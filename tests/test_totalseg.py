@@ -9,7 +9,7 @@ import pytest
 import SimpleITK as sitk
 from totalsegmentator.map_to_binary import class_map
 
-from nnunet_bento.catalog.registry import build_registry
+from nnunet_bento.catalog.registry import WeightsSource, build_registry
 from nnunet_bento.catalog.spec import parse_spec
 from nnunet_bento.errors import SpecError
 from nnunet_bento.pipeline import SegmentationPipeline
@@ -45,7 +45,7 @@ def test_task_resolves_in_totalsegmentators_layout_with_its_class_names(
     tmp_path, weights, models_folder
 ):
     registry = build_registry(
-        spec(tmp_path, {"id": "total", "totalseg_task": "total_fastest"}), weights
+        spec(tmp_path, {"id": "total", "totalseg_task": "total_fastest"}), WeightsSource(weights)
     )
     model = registry.get("total")
     assert model.folder == weights / FASTEST / FASTEST_RUN
@@ -69,6 +69,8 @@ def test_missing_weights_disable_the_model_with_one_warning(tmp_path, models_fol
     expected = str(models_folder / "totalseg" / "Dataset298_*" / FASTEST_RUN)
     (warning,) = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert "model 'total' is disabled" in warning and expected in warning
+    assert str(models_folder) not in registry.disabled["total"], "clients see no server path"
+    assert "TOTALSEG_WEIGHTS_PATH/Dataset298_*" in registry.disabled["total"]
     assert registry.get("organ").id == "organ", "the other models still serve"
     with pytest.raises(Exception, match="model 'total' is disabled"):
         registry.get("total")
@@ -98,7 +100,7 @@ def test_task_model_predicts_and_names_its_dicom_segments(
     tmp_path, weights, models_folder, demo_study
 ):
     registry = build_registry(
-        spec(tmp_path, {"id": "total", "totalseg_task": "total_fastest"}), weights
+        spec(tmp_path, {"id": "total", "totalseg_task": "total_fastest"}), WeightsSource(weights)
     )
     runners = RunnerSet(
         {m.id: RunnerModel(m.folder) for m in registry.models.values()},

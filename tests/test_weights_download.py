@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from nnunet_bento.catalog.registry import WeightsSource, build_registry
+from nnunet_bento.catalog.spec import ModelEntry, ServeSpec
 from nnunet_bento.catalog.totalseg import parse_task, task_folder
 from nnunet_bento.catalog.weights_download import download_task_weights, weights_url
 from nnunet_bento.errors import ModelFolderError
@@ -255,3 +257,24 @@ def test_an_unknown_package_layout_names_the_installed_version(monkeypatch):
     version = importlib.metadata.version("totalsegmentator")
     with pytest.raises(ModelFolderError, match=f"from totalsegmentator {version} .*0 f-strings"):
         weights_url(TASK)
+
+
+def test_start_up_downloads_a_missing_task_when_asked(server, tmp_path):
+    server.serve(demo_entries())
+    spec = ServeSpec(models=[ModelEntry(id="total", totalseg_task="total_fastest")])
+    weights = tmp_path / "weights"
+    registry = build_registry(
+        spec, WeightsSource(weights, download=True, url_base=f"{server.url}/files")
+    )
+    assert registry.get("total").folder == weights / DATASET / RUN
+    assert registry.disabled == {}
+
+
+def test_start_up_without_download_disables_the_task(server, tmp_path):
+    server.serve(demo_entries())
+    spec = ServeSpec(models=[ModelEntry(id="total", totalseg_task="total_fastest")])
+    registry = build_registry(
+        spec, WeightsSource(tmp_path / "weights", url_base=f"{server.url}/files")
+    )
+    assert "total" in registry.disabled
+    assert not (tmp_path / "weights").exists(), "nothing downloaded"

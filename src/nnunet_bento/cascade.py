@@ -53,11 +53,16 @@ def stage_reference(
 
 
 def reference_mask(
-    name: str, study: Path, earlier_masks: list[sitk.Image], grid: sitk.Image
+    name: str, file: Path | None, earlier_masks: list[sitk.Image], grid: sitk.Image
 ) -> np.ndarray:
-    """The named mask on ``grid`` (nearest neighbour), as a (z, y, x) array."""
+    """The mask ``name`` stands for on ``grid`` (nearest neighbour), as a (z, y, x) array:
+    an earlier stage's mask for ``stage_N``, else the (checked) ``file``."""
     index = earlier_stage(name)
-    mask = earlier_masks[index] if index is not None else read_image(image_file_in(study / name))
+    if index is not None:
+        mask = earlier_masks[index]
+    else:
+        assert file is not None, "check_request_paths resolves every mask file"
+        mask = read_image(image_file_in(file))
     return sitk.GetArrayFromImage(resample_mask_onto(mask, grid))
 
 

@@ -4,16 +4,18 @@ import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import SimpleITK as sitk
 
 from .cascade import check_stage_reference, predict_in_box, reference_mask, stage_reference
 from .catalog.registry import Registry
-from .errors import InputNotFoundError, RequestError
+from .errors import InputNotFoundError, NnunetBentoError, RequestError
 from .export import API_LAYOUT, OutputLayout, export_stage
 from .io.dicom_series import read_dicom_series
 from .io.images import NnunetInput, image_file_in, image_like, read_image, to_nnunet_input
+from .io.sandbox import PathRoots
 from .io.staging import OutputStaging
 from .postprocess import postprocess
 from .request import (
@@ -23,11 +25,13 @@ from .request import (
     cascade_modes,
     merge_stage_settings,
 )
+from .request_paths import RequestPaths, check_request_paths
 from .runners.protocol import PredictionJob, PredictionResult, Predictor
 from .stage import Stage, StageInput, StageMasks
 
 StepCallback = Callable[[int, str], None]
 STEPS = ("read", "predict", "postprocess", "export")
+UNRESTRICTED = PathRoots(input_roots=None, output_root=None)
 
 
 class Timings:
@@ -48,16 +52,32 @@ class Timings:
             self.seconds[name] += time.perf_counter() - started
 
 
+@dataclass(frozen=True)
+class Plan:
+    """A request's stages and its checked paths."""
+
+    stages: list[Stage]
+    paths: RequestPaths
+
+
 class SegmentationPipeline:
     """Runs /infer requests against a registry, handing model runs to a Predictor."""
 
-    def __init__(self, registry: Registry, predictor: Predictor, layout: OutputLayout = API_LAYOUT):
+    def __init__(
+        self,
+        registry: Registry,
+        predictor: Predictor,
+        layout: OutputLayout = API_LAYOUT,
+        roots: PathRoots = UNRESTRICTED,
+    ):
         self.registry = registry
         self.predictor = predictor
         self.layout = layout
+        self.roots = roots
 
-    def plan(self, request: InferenceRequest) -> list[Stage]:
-        """Resolve the models and merge their default_args into per-stage settings."""
+    def plan(self, request: InferenceRequest) -> Plan:
+        """Resolve the models, merge their default_args into per-stage settings, and check
+        every path against the roots before anything on the disk is looked at."""
         models = [self.registry.get(model_id) for model_id in request.model_ids]
         settings = merge_stage_settings(request, [m.entry.default_args for m in models])
         modes = [None, *cascade_modes(request)]
@@ -65,7 +85,8 @@ class SegmentationPipeline:
             Stage(i, m, s, mode)
             for i, (m, s, mode) in enumerate(zip(models, settings, modes, strict=True))
         ]
-        if not Path(request.study_path).is_dir():
+        paths = check_request_paths(self.roots, request.study_path, request.output_dir, stages)
+        if not paths.study.is_dir():
             raise InputNotFoundError(f"study_path {request.study_path} does not exist")
         if request.save_rt_struct_output and not request.is_dicom:
             raise RequestError("save_rt_struct_output needs is_dicom: RT Struct refers to DICOM")
@@ -87,7 +108,7 @@ class SegmentationPipeline:
                     f"model {stage.model.id!r} takes {expected} series ({channels}); "
                     f"series_folders gives {given}"
                 )
-        return stages
+        return Plan(stages, paths)
 
     @staticmethod
     def _check_dicom_export(request: InferenceRequest, stage: Stage) -> None:
@@ -111,10 +132,8 @@ class SegmentationPipeline:
                 f"gives {len(kept)} labels {list(kept)}: select one with class_idx"
             )
 
-    def read(self, request: InferenceRequest, stage: Stage) -> StageInput:
+    def read(self, request: InferenceRequest, folders: tuple[Path, ...]) -> StageInput:
         """The stage's series on the first series' grid, with the DICOM source if any."""
-        study = Path(request.study_path)
-        folders = [study / series for series in stage.settings.series_folders]
         if request.is_dicom:
             sources = [read_dicom_series(folder) for folder in folders]
             return StageInput(to_nnunet_input([s.image for s in sources]), sources[0])
@@ -122,7 +141,7 @@ class SegmentationPipeline:
         return StageInput(to_nnunet_input(images), None)
 
     def predict(
-        self, request: InferenceRequest, stage: Stage, image: NnunetInput, masks: list[sitk.Image]
+        self, paths: RequestPaths, stage: Stage, image: NnunetInput, masks: list[sitk.Image]
     ) -> PredictionResult:
         """Run the model; with a crop reference, on the padded box around it, pasted back."""
         settings = stage.settings
@@ -131,7 +150,8 @@ class SegmentationPipeline:
         )
         if crop_from is None:
             return self._predict(stage, image)
-        crop_mask = reference_mask(crop_from, Path(request.study_path), masks, image.reference)
+        crop_file = paths.masks[stage.index].get("crop_from")
+        crop_mask = reference_mask(crop_from, crop_file, masks, image.reference)
         return predict_in_box(
             lambda cropped: self._predict(stage, cropped),
             image,
@@ -161,7 +181,7 @@ class SegmentationPipeline:
 
     def postprocess(
         self,
-        request: InferenceRequest,
+        paths: RequestPaths,
         stage: Stage,
         image: NnunetInput,
         result: PredictionResult,
@@ -174,7 +194,12 @@ class SegmentationPipeline:
         reference = (
             None
             if intersect_with is None
-            else reference_mask(intersect_with, Path(request.study_path), masks, image.reference)
+            else reference_mask(
+                intersect_with,
+                paths.masks[stage.index].get("intersect_with"),
+                masks,
+                image.reference,
+            )
         )
         segmentation, probabilities, labels = postprocess(
             result.segmentation,
@@ -184,6 +209,29 @@ class SegmentationPipeline:
             reference,
         )
         return StageMasks(segmentation, probabilities if settings.save_proba_map else None, labels)
+
+    def _run_stages(
+        self, request: InferenceRequest, plan: Plan, timings: Timings
+    ) -> tuple[list[PredictionResult], list[StageOutputs]]:
+        """Read, predict, postprocess and export each stage into staging; commit at the end."""
+        results: list[PredictionResult] = []
+        stage_outputs: list[StageOutputs] = []
+        stage_masks: list[sitk.Image] = []
+        with OutputStaging(plan.paths.output_dir) as staging:
+            for stage in plan.stages:
+                with timings.step("read", stage.index):
+                    stage_input = self.read(request, plan.paths.series[stage.index])
+                image = stage_input.image
+                with timings.step("predict", stage.index):
+                    results.append(self.predict(plan.paths, stage, image, stage_masks))
+                with timings.step("postprocess", stage.index):
+                    masks = self.postprocess(plan.paths, stage, image, results[-1], stage_masks)
+                stage_masks.append(image_like(masks.segmentation, image.reference))
+                with timings.step("export", stage.index):
+                    stage_outputs.append(
+                        export_stage(request, stage, stage_input, masks, staging, self.layout)
+                    )
+        return results, stage_outputs
 
     def run(
         self, request: InferenceRequest, on_step: StepCallback | None = None
@@ -195,32 +243,20 @@ class SegmentationPipeline:
         """
         started = time.perf_counter()
         timings = Timings(on_step)
-        stages = self.plan(request)
-        results: list[PredictionResult] = []
-        stage_outputs: list[StageOutputs] = []
-        stage_masks: list[sitk.Image] = []
-        with OutputStaging(Path(request.output_dir)) as staging:
-            for stage in stages:
-                with timings.step("read", stage.index):
-                    stage_input = self.read(request, stage)
-                image = stage_input.image
-                with timings.step("predict", stage.index):
-                    results.append(self.predict(request, stage, image, stage_masks))
-                with timings.step("postprocess", stage.index):
-                    masks = self.postprocess(request, stage, image, results[-1], stage_masks)
-                stage_masks.append(image_like(masks.segmentation, image.reference))
-                with timings.step("export", stage.index):
-                    stage_outputs.append(
-                        export_stage(request, stage, stage_input, masks, staging, self.layout)
-                    )
-        paths = [stage.model.source for stage in stages]
+        plan = self.plan(request)
+        try:
+            results, stage_outputs = self._run_stages(request, plan, timings)
+        except NnunetBentoError as error:
+            raise type(error)(plan.paths.shown(str(error))) from error
+        stages = plan.stages
+        sources = [stage.model.source for stage in stages]
         metadata = [stage.model.metadata_record for stage in stages]
         return InferenceResponse(
             time_elapsed=time.perf_counter() - started,
             timings=dict(timings.seconds),
             gpu=results[0].gpu,
             device=results[0].device,
-            nnunet_path=paths[0] if isinstance(request.nnunet_id, str) else paths,
+            nnunet_path=sources[0] if isinstance(request.nnunet_id, str) else sources,
             metadata=metadata[0] if isinstance(request.nnunet_id, str) else metadata,
             request=request.model_dump(),
             nifti_prediction=[o.nifti_prediction for o in stage_outputs],

@@ -71,14 +71,14 @@ class LabelSummary:
 class PanelGeometry:
     """Where a slice sits in the PNG; grid axes are ITK's (0 = i/x, 1 = j/y, 2 = k/z)."""
 
-    name: str
-    plane: str
-    box: tuple[int, int, int, int]
-    axes: tuple[int, int]
-    shape: tuple[int, int]
-    slice_index: int
-    flip_vertical: bool
-    edge_letters: tuple[str, str, str, str]
+    name: str  # grid role: "axial" (k-slice), "coronal" (j-slice), "sagittal" (i-slice)
+    plane: str  # anatomical plane nearest to the slice, from the direction matrix
+    box: tuple[int, int, int, int]  # x0, y0, x1, y1 of the image in the PNG, x1 and y1 excluded
+    axes: tuple[int, int]  # grid axes shown left to right, and top to bottom (or up if flipped)
+    shape: tuple[int, int]  # voxels along those two axes
+    slice_index: int  # index along the remaining grid axis
+    flip_vertical: bool  # the vertical grid index increases upward
+    edge_letters: tuple[str, str, str, str]  # patient direction at left, right, top, bottom
 
     @property
     def slice_axis(self) -> int:
@@ -98,7 +98,7 @@ class PanelGeometry:
 
 @dataclass(frozen=True)
 class PreviewSummary:
-    """What the preview shows; panels are axial (k), coronal (j), sagittal (i) slices."""
+    """What the preview shows; empty when no label of ``label_names`` is in the mask."""
 
     path: Path
     width: int
@@ -120,7 +120,7 @@ def write_preview(
     modality: str | None = None,
     date: datetime.date | None = None,
 ) -> PreviewSummary:
-    """Draw the preview of ``mask`` (z, y, x) over ``image`` into the PNG at ``path``."""
+    """Draw the PNG of ``mask`` (z, y, x) over ``image``; only labels in ``label_names`` count."""
     volume = sitk.GetArrayViewFromImage(image)
     mask = _label_array(mask, volume.shape)
     spacing = image.GetSpacing()

@@ -10,10 +10,12 @@ from pydantic import ValidationError
 from ..errors import ModelFolderError, RequestError, SpecError
 from ..io.seg_metadata import MetadataError, SegmentationMetadata, load_metadata
 from ..request import PER_MODEL_FIELDS, InferenceRequest, StageSettings, format_validation_error
-from .model_folder import ModelDescription, describe_model_folder
+from ..settings import ServeSettings
+from .model_folder import ModelDescription, describe_model_folder, file_sha256
 from .spec import MetadataPath, ModelEntry, ServeSpec
 from .store import stored_model
-from .totalseg import parse_task, task_folder, task_metadata
+from .totalseg import TotalsegTask, parse_task, task_folder, task_metadata
+from .weights_download import download_task_weights
 
 logger = logging.getLogger(__name__)
 
@@ -65,7 +67,11 @@ class RegisteredModel:
             "min_mem": self.entry.min_mem,
             "default_args": self.entry.default_args,
             "n_classes": len(self.description.labels),
-            "model_information": self.description.dataset_json,
+            "model_information": {
+                key: value
+                for key, value in self.description.dataset_json.items()
+                if key != "dataset"
+            },
             "trainer": self.store_metadata.get("trainer"),
             "configuration": self.store_metadata.get("configuration"),
             "folds": self.description.folds,
@@ -151,8 +157,49 @@ def totalseg_weights_folder(spec: ServeSpec, totalseg_weights: Path | None) -> P
     return spec.model_folder / "totalseg"
 
 
+def check_checkpoint_hashes(entry: ModelEntry, folder: Path, metadata: dict[str, Any]) -> None:
+    """Each checkpoint must still hash as import-model recorded it: checkpoints are pickles,
+    and loading one runs its code, so a changed file is refused."""
+    for relative, recorded in metadata.get("checkpoint_sha256", {}).items():
+        if file_sha256(folder / relative) != recorded:
+            raise SpecError(
+                f"model {entry.id!r}: checkpoint {relative} of {entry.tag} changed since it was "
+                "imported (its SHA-256 differs); import the model folder again with "
+                "`nnunet-bento import-model`"
+            )
+
+
+@dataclass(frozen=True)
+class WeightsSource:
+    """Where TotalSegmentator weights are, and whether missing ones are downloaded."""
+
+    folder: Path | None = None
+    download: bool = False
+    url_base: str | None = None
+
+
+def weights_source(settings: ServeSettings) -> WeightsSource:
+    """TOTALSEG_WEIGHTS_PATH, NNUNET_BENTO_DOWNLOAD_WEIGHTS and its URL base."""
+    return WeightsSource(
+        settings.totalseg_weights_path,
+        settings.nnunet_bento_download_weights,
+        settings.nnunet_bento_totalseg_url_base,
+    )
+
+
+def totalseg_folder(spec: ServeSpec, task: TotalsegTask, weights: WeightsSource) -> Path:
+    """The task's folder; downloaded first when it is missing and downloads are on."""
+    folder = totalseg_weights_folder(spec, weights.folder)
+    try:
+        return task_folder(task, folder)
+    except ModelFolderError:
+        if not weights.download:
+            raise
+    return download_task_weights(task, folder, weights.url_base)
+
+
 def resolve_entry(
-    spec: ServeSpec, entry: ModelEntry, totalseg_weights: Path | None = None
+    spec: ServeSpec, entry: ModelEntry, weights: WeightsSource = WeightsSource()
 ) -> RegisteredModel:
     """Find an entry's result folder: in the Bento model store, under model_folder, or in
     TotalSegmentator's weights folder."""
@@ -160,6 +207,7 @@ def resolve_entry(
     store_metadata: dict[str, Any] = {}
     if entry.tag:
         folder, store_metadata = stored_model(entry.tag)
+        check_checkpoint_hashes(entry, folder, store_metadata)
         source = f"{store_metadata.get('nnunet_id', entry.id)}:{folder.name}"
     elif entry.rel_path:
         assert spec.model_folder is not None
@@ -170,11 +218,20 @@ def resolve_entry(
             task = parse_task(entry.totalseg_task)
         except SpecError as error:
             raise SpecError(f"model {entry.id!r}, field 'totalseg_task': {error}") from None
-        folder = task_folder(task, totalseg_weights_folder(spec, totalseg_weights))
+        folder = totalseg_folder(spec, task, weights)
         source, default_metadata = f"totalseg:{task.name}", task_metadata(task)
     description = describe_model_folder(folder)
     metadata = load_dicom_metadata(entry, description, default_metadata)
     return RegisteredModel(entry, folder, source, description, store_metadata, metadata)
+
+
+def without_weights_path(message: str, spec: ServeSpec, weights: WeightsSource) -> str:
+    """``message`` with the weights folder named by its setting, not its server path."""
+    try:
+        folder = totalseg_weights_folder(spec, weights.folder)
+    except ModelFolderError:
+        return message
+    return message.replace(str(folder), "TOTALSEG_WEIGHTS_PATH")
 
 
 class Registry:
@@ -197,21 +254,21 @@ class Registry:
         )
 
 
-def build_registry(spec: ServeSpec, totalseg_weights: Path | None = None) -> Registry:
+def build_registry(spec: ServeSpec, weights: WeightsSource = WeightsSource()) -> Registry:
     """Resolve every entry; a broken entry stops start-up with one message naming it.
 
-    TotalSegmentator entries whose weights are missing are disabled with a warning instead,
-    so that the other models still serve.
+    TotalSegmentator entries whose weights are missing are disabled with a warning that names
+    the path instead, so that the other models still serve; clients see the reason without it.
     """
     models, disabled = [], {}
     for entry in spec.models:
         check_default_args(entry)
         try:
-            models.append(resolve_entry(spec, entry, totalseg_weights))
+            models.append(resolve_entry(spec, entry, weights))
         except ModelFolderError as error:
             if entry.totalseg_task:
                 logger.warning("model %r is disabled: %s", entry.id, error)
-                disabled[entry.id] = str(error)
+                disabled[entry.id] = without_weights_path(str(error), spec, weights)
                 continue
             raise SpecError(f"model {entry.id!r}: {error}") from None
     return Registry(models, disabled)

@@ -5,7 +5,8 @@ resolves, through the ``totalsegmentator`` package (the ``totalseg`` extra), to 
 nnU-Net result folder laid out as TotalSegmentator lays out its weights:
 ``<weights>/Dataset<id>_*/<trainer>__<plans>__<configuration>``. Segment names come from its
 class map and their codes from its SNOMED CT mapping; nothing of either is copied here.
-Weights are never downloaded: a missing folder disables the model.
+A missing folder disables the model, unless NNUNET_BENTO_DOWNLOAD_WEIGHTS=1 downloads it
+(weights_download.py).
 """
 
 import difflib
@@ -96,8 +97,8 @@ def task_folder(task: TotalsegTask, weights: Path) -> Path:
     if not matches:
         raise ModelFolderError(
             f"TotalSegmentator task {task.name!r}: no weights at {weights / task.folder_pattern} "
-            "(they are not downloaded; copy TotalSegmentator's weights folder there or set "
-            "TOTALSEG_WEIGHTS_PATH)"
+            "(copy TotalSegmentator's weights folder there, set TOTALSEG_WEIGHTS_PATH, or set "
+            "NNUNET_BENTO_DOWNLOAD_WEIGHTS=1 to download them at start-up)"
         )
     return matches[0]
 

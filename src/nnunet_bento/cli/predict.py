@@ -9,7 +9,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from ..catalog.registry import Registry, build_registry
+from ..catalog.registry import Registry, build_registry, weights_source
 from ..catalog.spec import MetadataPath, ModelEntry, ServeSpec, load_spec
 from ..errors import NnunetBentoError
 from ..export import CLI_LAYOUT
@@ -131,7 +131,8 @@ def model_entry_and_spec(args: argparse.Namespace) -> ServeSpec:
 def request_from(args: argparse.Namespace, model_id: str) -> InferenceRequest:
     """The /infer request that the flags stand for."""
     series = [Path(p).resolve() for p in args.series_paths]
-    study = Path(os.path.commonpath([p.parent for p in series]))
+    mask = Path(args.intersect_with).resolve() if args.intersect_with else None
+    study = Path(os.path.commonpath([p.parent for p in [*series, *([mask] if mask else [])]]))
     return InferenceRequest(
         nnunet_id=model_id,
         study_path=str(study),
@@ -147,7 +148,7 @@ def request_from(args: argparse.Namespace, model_id: str) -> InferenceRequest:
         min_confidence=args.min_confidence,
         save_rt_struct_output=args.rt_struct_output,
         save_nifti_inputs=args.save_nifti_inputs,
-        intersect_with=str(Path(args.intersect_with).resolve()) if args.intersect_with else None,
+        intersect_with=str(mask.relative_to(study)) if mask else None,
         min_intersection=args.min_intersection,
         class_idx=args.class_idx,
         fractional_as_segments=args.fractional_as_segments,
@@ -168,7 +169,7 @@ def local_pipeline(registry: Registry) -> SegmentationPipeline:
 
 def run_predict(args: argparse.Namespace) -> str:
     """Run the request; returns the log line that says what was written."""
-    registry = build_registry(model_entry_and_spec(args), load_settings().totalseg_weights_path)
+    registry = build_registry(model_entry_and_spec(args), weights_source(load_settings()))
     (model_id,) = registry.models
     request = request_from(args, model_id)
     interactive = sys.stderr.isatty()

@@ -16,9 +16,10 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from ..catalog.registry import Registry, build_registry
+from ..catalog.registry import Registry, build_registry, weights_source
 from ..catalog.spec import load_spec
 from ..errors import NnunetBentoError, SpecError, error_for_status
+from ..io.sandbox import PathRoots
 from ..pipeline import SegmentationPipeline
 from ..request import InferenceRequest
 from ..runners.device import DeviceSelector
@@ -30,7 +31,7 @@ from ..runners.protocol import (
     from_wire,
     to_wire,
 )
-from ..settings import ServeSettings, load_settings
+from ..settings import ServeSettings, allowed_origins, load_settings
 from .error_body import error_response
 
 logger = logging.getLogger("nnunet_bento")
@@ -39,7 +40,7 @@ logger = logging.getLogger("nnunet_bento")
 def load_registry_or_exit(settings: ServeSettings) -> Registry:
     """The registry of the spec named by MODEL_SERVE_SPEC; a spec error stops start-up."""
     try:
-        return build_registry(load_spec(settings.model_serve_spec), settings.totalseg_weights_path)
+        return build_registry(load_spec(settings.model_serve_spec), weights_source(settings))
     except SpecError as error:
         sys.exit(f"nnunet-bento cannot start: {error}")
 
@@ -67,8 +68,38 @@ def segmentation_config(settings: ServeSettings) -> dict[str, Any]:
         "name": "SegmentationService",
         "workers": 1,
         "traffic": {"timeout": settings.nnunet_bento_request_timeout_s},
-        "http": {"port": settings.nnunet_serve_port},
+        "http": {"port": settings.nnunet_serve_port, "host": settings.nnunet_serve_host},
     }
+
+
+def path_roots(settings: ServeSettings) -> PathRoots:
+    """The configured input and output roots."""
+    return PathRoots.from_settings(
+        settings.nnunet_bento_input_roots, settings.nnunet_bento_output_root
+    )
+
+
+def guard_options(settings: ServeSettings) -> dict[str, Any]:
+    """RequestGuard's options from the settings."""
+    token = settings.nnunet_bento_api_token
+    return {
+        "token": token.get_secret_value() if token else None,
+        "allowed_origins": allowed_origins(settings),
+    }
+
+
+def warn_about_open_doors(settings: ServeSettings) -> None:
+    """One start-up warning for each protection that the settings leave off."""
+    if settings.nnunet_bento_api_token is None:
+        logger.warning(
+            "NNUNET_BENTO_API_TOKEN is not set: every route answers without a token; "
+            "set it before exposing the port beyond this machine"
+        )
+    if path_roots(settings).unrestricted:
+        logger.warning(
+            "NNUNET_BENTO_INPUT_ROOTS and NNUNET_BENTO_OUTPUT_ROOT are not set: requests may "
+            "read and write any path this process can; set them before exposing the port"
+        )
 
 
 class ModelRunnerBase:
@@ -120,7 +151,10 @@ class SegmentationServiceBase:
 
     def __init__(self) -> None:
         self.settings = load_settings()
-        self.pipeline = SegmentationPipeline(self.registry, RemotePredictor(self.runner))
+        warn_about_open_doors(self.settings)
+        self.pipeline = SegmentationPipeline(
+            self.registry, RemotePredictor(self.runner), roots=path_roots(self.settings)
+        )
         self.get_routes.state.service = self
 
     @bentoml.api(input_spec=InferenceRequest)
@@ -136,7 +170,11 @@ class SegmentationServiceBase:
             return error_response(error.status_code, str(error))
         except Exception as error:
             logger.exception("request for %s failed", request.nnunet_id)
-            return error_response(500, f"inference failed: {type(error).__name__}: {error}")
+            return error_response(
+                500,
+                f"inference failed: {type(error).__name__} while running model(s) "
+                f"{', '.join(request.model_ids)}; the server log has the details",
+            )
         return response.model_dump(mode="json")
 
     @bentoml.api
