@@ -54,13 +54,20 @@ class Served:
 
 
 @contextmanager
-def bentoml_serve(spec: Path, log: Path, command: list[str] | None = None) -> Iterator[Served]:
+def bentoml_serve(
+    spec: Path,
+    log: Path,
+    command: list[str] | None = None,
+    env: dict[str, str] | None = None,
+    token: str | None = None,
+) -> Iterator[Served]:
     """Start `bentoml serve service:SegmentationService` (or ``command``) from the repository
-    root, on a free port that is appended as ``--port``."""
+    root, on a free port that is appended as ``--port``, with ``env`` added to the
+    environment; the client sends ``token``."""
     import bentoml
 
     port = free_port()
-    env = {**os.environ, "MODEL_SERVE_SPEC": str(spec)}
+    env = {**os.environ, "MODEL_SERVE_SPEC": str(spec), **(env or {})}
     serve = [
         sys.executable,
         "-m",
@@ -82,7 +89,7 @@ def bentoml_serve(spec: Path, log: Path, command: list[str] | None = None) -> It
         )
     url = f"http://127.0.0.1:{port}"
     try:
-        client = bentoml.SyncHTTPClient(url, server_ready_timeout=180, timeout=600)
+        client = bentoml.SyncHTTPClient(url, server_ready_timeout=180, timeout=600, token=token)
         yield Served(url, client, process, log)
     finally:
         os.killpg(process.pid, signal.SIGTERM)

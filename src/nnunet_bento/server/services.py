@@ -155,6 +155,7 @@ class SegmentationServiceBase:
         self.pipeline = SegmentationPipeline(
             self.registry, RemotePredictor(self.runner), roots=path_roots(self.settings)
         )
+        self.device: str | None = None
         self.get_routes.state.service = self
 
     @bentoml.api(input_spec=InferenceRequest)
@@ -180,9 +181,14 @@ class SegmentationServiceBase:
     @bentoml.api
     async def model_info(self) -> dict[str, Any]:
         """The registry: one record per model id, with the device that runs the models."""
-        device = await self.runner.to_async.device_info()
+        return await self.describe_models()
+
+    async def describe_models(self) -> dict[str, Any]:
+        """The /model_info body; the runner's device is asked once and remembered."""
+        if self.device is None:
+            self.device = (await self.runner.to_async.device_info())["device"]
         info: dict[str, Any] = {
-            model.id: {**model.info(), "available": True, "device": device["device"]}
+            model.id: {**model.info(), "available": True, "device": self.device}
             for model in self.registry.models.values()
         }
         for model_id, reason in self.registry.disabled.items():
@@ -199,7 +205,7 @@ def build_get_routes() -> Starlette:
     """GET /model_info and GET /request-params, as the seed's curl examples use them."""
 
     async def model_info(request: Request) -> JSONResponse:
-        return JSONResponse(await request.app.state.service.model_info())
+        return JSONResponse(await request.app.state.service.describe_models())
 
     async def request_params(request: Request) -> JSONResponse:
         return JSONResponse(InferenceRequest.model_json_schema())
