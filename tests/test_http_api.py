@@ -339,7 +339,7 @@ def test_an_empty_crop_from_mask_is_a_400(served, study, tmp_path):
     t2 = sitk.ReadImage(str(study / "T2" / "T2.nii.gz"))
     empty = sitk.Image(t2.GetSize(), sitk.sitkUInt8)
     empty.CopyInformation(t2)
-    sitk.WriteImage(empty, str(tmp_path / "empty.nii.gz"))
+    sitk.WriteImage(empty, str(study / "empty.nii.gz"))
     response = post(
         served,
         {
@@ -347,7 +347,7 @@ def test_an_empty_crop_from_mask_is_a_400(served, study, tmp_path):
             "study_path": str(study),
             "series_folders": ["T2", "ADC"],
             "output_dir": str(tmp_path / "out"),
-            "crop_from": str(tmp_path / "empty.nii.gz"),
+            "crop_from": "empty.nii.gz",
         },
     )
     assert response.status_code == 400

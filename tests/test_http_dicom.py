@@ -202,11 +202,12 @@ def test_empty_prediction_writes_no_seg_unless_an_empty_template_is_given(served
     source = read_dicom_series(DICOM / "ct" / "CT")
     nothing = sitk.Image(source.image.GetSize(), sitk.sitkUInt8)
     nothing.CopyInformation(source.image)
-    sitk.WriteImage(nothing, str(tmp_path / "nothing.nii.gz"))
+    shutil.copytree(DICOM / "ct", tmp_path / "ct")
+    sitk.WriteImage(nothing, str(tmp_path / "ct" / "nothing.nii.gz"))
     fields = {
-        "study_path": str(DICOM / "ct"),
+        "study_path": str(tmp_path / "ct"),
         "series_folders": ["CT"],
-        "intersect_with": str(tmp_path / "nothing.nii.gz"),
+        "intersect_with": "nothing.nii.gz",
     }
     response = infer(served, tmp_path / "plain", nnunet_id="organ", **fields)
     assert response["stages"][0]["is_empty"] is True

@@ -164,10 +164,11 @@ def test_in_study_refuses_dotdot_even_inside_roots(roots: PathRoots, tmp: Path, 
     assert message == "intersect_with: path leaves study_path"
 
 
-def test_in_study_refuses_absolute_entries(roots: PathRoots, tmp: Path) -> None:
+def test_in_study_takes_absolute_entries_only_inside_the_study(roots: PathRoots, tmp: Path) -> None:
     study = tmp / "in" / "study"
-    entry = str(study / "mask.nii.gz")
-    refused(tmp, roots.in_study, "intersect_with", study, entry)
+    inside = str(study / "mask.nii.gz")
+    assert roots.in_study("intersect_with", study, inside) == study / "mask.nii.gz"
+    refused(tmp, roots.in_study, "intersect_with", study, str(tmp / "in" / "mask.nii.gz"))
 
 
 def test_in_study_refuses_symlink_out_of_study(roots: PathRoots, tmp: Path) -> None:

@@ -96,10 +96,9 @@ class PathRoots:
         return path
 
     def in_study(self, field: str, study: Path, entry: str) -> Path:
-        """Resolve an entry of a resolved study folder; it must stay inside the study."""
+        """Resolve an entry of a resolved study folder (relative to it, or absolute); it must
+        stay inside the study."""
         _require_value(field, entry)
-        if Path(entry).is_absolute():
-            raise ForbiddenPathError(f"{field}: path must be relative to {STUDY_FIELD}")
         path = _resolve(field, study / entry)
         if not path.is_relative_to(study):
             raise ForbiddenPathError(f"{field}: path leaves {STUDY_FIELD}")
