@@ -41,6 +41,7 @@ def main() -> None:
             output_dir=str(output / model),
             save_proba_map=True,
             proba_threshold=0.1,
+            save_preview=True,
         )
         predicted = labels_of(response["nifti_prediction"][0])
         expected = labels_of(STUDY / "labels" / f"{truth}.nii.gz")
@@ -50,7 +51,8 @@ def main() -> None:
         )
         print(
             f"{model}: {response['nifti_prediction'][0]} ({scores}; "
-            f"{response['time_elapsed']:.2f} s on {response['device']})"
+            f"{response['time_elapsed']:.2f} s on {response['device']}); "
+            f"preview {response['preview'][0]}"
         )
     cascade = client.infer(
         nnunet_id=["organ", "lesion"],
@@ -60,8 +62,9 @@ def main() -> None:
         output_dir=str(output / "dicom-cascade"),
         cascade_mode="crop",
         save_rt_struct_output=True,
+        save_preview=True,
     )
-    written = cascade["dicom_segmentation"] + cascade["dicom_struct"]
+    written = cascade["dicom_segmentation"] + cascade["dicom_struct"] + cascade["preview"]
     print(f"DICOM organ -> lesion cascade: {', '.join(written)}")
 
 

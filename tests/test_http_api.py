@@ -7,6 +7,7 @@ import threading
 from pathlib import Path
 
 import httpx
+import matplotlib.image as mpimg
 import numpy as np
 import pytest
 import SimpleITK as sitk
@@ -14,6 +15,7 @@ import yaml
 from bentoml.exceptions import BentoMLException
 from conftest import REPO, bentoml_serve
 
+from nnunet_bento.preview import write_preview
 from nnunet_bento.request import InferenceRequest
 
 pytestmark = pytest.mark.slow
@@ -414,6 +416,7 @@ def test_cli_flags_not_given_leave_the_spec_default_args_in_force(served, study,
         [
             *(sys.executable, "-m", "nnunet_bento.cli", "predict", "-i", str(study / "T2")),
             *("-m", "organ", "-o", str(tmp_path / "cli"), "-t", "-p", "--proba_threshold", "0"),
+            "--preview",
         ],
         capture_output=True,
         text=True,
@@ -421,6 +424,7 @@ def test_cli_flags_not_given_leave_the_spec_default_args_in_force(served, study,
         cwd=REPO,
     )
     assert cli.returncode == 0, cli.stderr
+    assert (tmp_path / "cli" / "preview.png").stat().st_size > 10_000
     api = sitk.GetArrayFromImage(sitk.ReadImage(response["nifti_proba"][0]))
     local = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "cli" / "probabilities.nii.gz")))
     np.testing.assert_allclose(local, api, atol=1e-3)
@@ -435,3 +439,41 @@ def test_cli_flags_not_given_leave_the_spec_default_args_in_force(served, study,
     )
     fold0 = sitk.GetArrayFromImage(sitk.ReadImage(one_fold["nifti_proba"][0]))
     assert np.abs(fold0 - local).max() > 1e-2, "the CLI ensembled folds 0 and 1, not fold 0 alone"
+
+
+def test_a_preview_per_stage_shows_each_stages_mask(served, study, tmp_path):
+    response = served.client.infer(
+        nnunet_id=["organ", "lesion"],
+        study_path=str(study),
+        series_folders=[["T2"], ["T2", "ADC"]],
+        output_dir=str(tmp_path / "out"),
+        save_preview=True,
+    )
+    assert response["timings"]["preview"] > 0
+    assert response["preview"] == [stage["preview"] for stage in response["stages"]]
+    t2 = sitk.ReadImage(str(study / "T2" / "T2.nii.gz"))
+    expected = [("organ", [0, 1], {1: "prostate", 2: "bladder"}), ("lesion", [0], {1: "lesion"})]
+    for index, (model, folds, names) in enumerate(expected):
+        served_png = mpimg.imread(response["preview"][index])
+        assert 600 <= served_png.shape[1] <= 2000
+        mask = sitk.GetArrayFromImage(sitk.ReadImage(response["nifti_prediction"][index]))
+        local = write_preview(
+            t2, mask, names, model_id=model, folds=folds, path=tmp_path / f"local_{index}.png"
+        )
+        np.testing.assert_array_equal(mpimg.imread(local.path), served_png)
+        axial = local.panels[0]
+        assert [label.label for label in local.labels] == sorted(set(np.unique(mask)) - {0})
+        for label in local.labels:
+            colour = (served_png[..., :3] * 255).round().astype(int)
+            ys, xs = np.nonzero((colour == label.colour).all(axis=-1))
+            inside = [
+                (x, y)
+                for x, y in zip(xs, ys, strict=True)
+                if axial.box[0] <= x < axial.box[2] and axial.box[1] <= y < axial.box[3]
+            ]
+            assert inside, f"{label.name} is drawn in the axial panel"
+            hits = [
+                mask[k, j, i] == label.label
+                for i, j, k in map(lambda p: axial.voxel_at(*p), inside)
+            ]
+            assert np.mean(hits) > 0.5, f"{label.name}'s colour lies on its mask"

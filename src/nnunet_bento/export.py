@@ -1,5 +1,5 @@
-"""Every output of a stage: the NIfTI mask, probability map and inputs, and for DICOM input
-the DICOM-SEG of the mask, the probability map as SEG and the RT Struct.
+"""Every output of a stage: the NIfTI mask, probability map and inputs, the preview PNG, and
+for DICOM input the DICOM-SEG of the mask, the probability map as SEG and the RT Struct.
 
 Files are written into an OutputStaging, which moves them into place when the request ends.
 """
@@ -24,6 +24,7 @@ from .io.dicom_source import AlgorithmIdentity, DicomSource
 from .io.images import NnunetInput, image_like, segmentation_dtype
 from .io.rtstruct import write_rtstruct
 from .io.staging import OutputStaging
+from .preview import write_preview
 from .request import InferenceRequest, StageOutputs, StageSettings
 from .stage import Stage, StageInput, StageMasks
 
@@ -50,6 +51,7 @@ API_LAYOUT = OutputLayout(
         "segmentation": "stage_{stage}/prediction{suffix}.dcm",
         "fractional_segmentation": "stage_{stage}/proba{suffix}.dcm",
         "struct": "stage_{stage}/struct{suffix}.dcm",
+        "preview": "stage_{stage}/preview{suffix}.png",
     }
 )
 #: The seed's command line: one model, files directly in output_dir, its names.
@@ -61,6 +63,7 @@ CLI_LAYOUT = OutputLayout(
         "segmentation": "prediction{suffix}.dcm",
         "fractional_segmentation": "proba{suffix}.dcm",
         "struct": "struct{suffix}.dcm",
+        "preview": "preview{suffix}.png",
     }
 )
 DICOM_KINDS = ("segmentation", "fractional_segmentation", "struct")
@@ -228,3 +231,43 @@ def export_stage(
         outputs.dicom_fractional_segmentation = dicom.fractional_segmentation
         outputs.dicom_struct = dicom.struct
     return outputs
+
+
+def first_channel_volume(image: NnunetInput) -> sitk.Image:
+    """The first input channel as a 3D image on the input's grid (a 2D input as one slice)."""
+    reference = image.reference
+    if reference.GetDimension() == 2:
+        reference = sitk.JoinSeries(reference)
+    volume = sitk.GetImageFromArray(image.array[0])
+    volume.CopyInformation(reference)
+    return volume
+
+
+def input_modality(stage: Stage, stage_input: StageInput) -> str | None:
+    """The DICOM Modality of the input, else CT when the model's first channel is CT."""
+    if stage_input.dicom_source is not None:
+        return stage_input.dicom_source.datasets[0].get("Modality")
+    first = next(iter(stage.model.description.channel_names.values()))
+    return "CT" if first.upper() == "CT" else None
+
+
+def export_preview(
+    request: InferenceRequest,
+    stage: Stage,
+    stage_input: StageInput,
+    masks: StageMasks,
+    staging: OutputStaging,
+    layout: OutputLayout,
+) -> str:
+    """Draw the stage's preview PNG into ``staging``; returns its final path."""
+    name = layout.path("preview", stage.index, request.suffix)
+    write_preview(
+        first_channel_volume(stage_input.image),
+        masks.segmentation,
+        {label: segment_names(stage.model)[label] for label in masks.labels},
+        model_id=stage.model.id,
+        folds=stage.settings.use_folds,
+        path=staging.path(name),
+        modality=input_modality(stage, stage_input),
+    )
+    return str(staging.final_path(name))

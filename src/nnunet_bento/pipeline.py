@@ -12,7 +12,7 @@ import SimpleITK as sitk
 from .cascade import check_stage_reference, predict_in_box, reference_mask, stage_reference
 from .catalog.registry import Registry
 from .errors import InputNotFoundError, NnunetBentoError, RequestError
-from .export import API_LAYOUT, OutputLayout, export_stage
+from .export import API_LAYOUT, OutputLayout, export_preview, export_stage
 from .io.dicom_series import read_dicom_series
 from .io.images import NnunetInput, image_file_in, image_like, read_image, to_nnunet_input
 from .io.sandbox import PathRoots
@@ -30,7 +30,7 @@ from .runners.protocol import PredictionJob, PredictionResult, Predictor
 from .stage import Stage, StageInput, StageMasks
 
 StepCallback = Callable[[int, str], None]
-STEPS = ("read", "predict", "postprocess", "export")
+STEPS = ("read", "predict", "postprocess", "export", "preview")
 UNRESTRICTED = PathRoots(input_roots=None, output_root=None)
 
 
@@ -228,9 +228,13 @@ class SegmentationPipeline:
                     masks = self.postprocess(plan.paths, stage, image, results[-1], stage_masks)
                 stage_masks.append(image_like(masks.segmentation, image.reference))
                 with timings.step("export", stage.index):
-                    stage_outputs.append(
-                        export_stage(request, stage, stage_input, masks, staging, self.layout)
-                    )
+                    outputs = export_stage(request, stage, stage_input, masks, staging, self.layout)
+                if request.save_preview:
+                    with timings.step("preview", stage.index):
+                        outputs.preview = export_preview(
+                            request, stage, stage_input, masks, staging, self.layout
+                        )
+                stage_outputs.append(outputs)
         return results, stage_outputs
 
     def run(
@@ -271,5 +275,6 @@ class SegmentationPipeline:
                 if o.dicom_fractional_segmentation
             ],
             dicom_struct=[o.dicom_struct for o in stage_outputs if o.dicom_struct],
+            preview=[o.preview for o in stage_outputs if o.preview],
             stages=stage_outputs,
         )

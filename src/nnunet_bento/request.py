@@ -178,6 +178,11 @@ class RequestFields(BaseModel):
     )
     save_nifti_inputs: bool = Field(False, description="Export the input volumes as NIfTI.")
     save_rt_struct_output: bool = Field(False, description="Also export an RT Struct (DICOM).")
+    save_preview: bool = Field(
+        False,
+        description="Draw stage_N/preview.png: three slices through the mask with each "
+        "label's outline, volume (ml) and component count.",
+    )
     suffix: str | None = Field(None, description="Appended to output names: prediction_<suffix>.")
 
     @field_validator("suffix")
@@ -289,6 +294,7 @@ class StageOutputs(BaseModel):
     dicom_segmentation: str | None = None
     dicom_fractional_segmentation: str | None = None
     dicom_struct: str | None = None
+    preview: str | None = None
 
 
 class InferenceResponse(BaseModel):
@@ -296,7 +302,9 @@ class InferenceResponse(BaseModel):
 
     status: Literal["done"] = "done"
     time_elapsed: float = Field(description="Seconds for the whole request.")
-    timings: dict[str, float] = Field(description="Seconds per step: read, predict, export.")
+    timings: dict[str, float] = Field(
+        description="Seconds per step: read, predict, postprocess, export and preview."
+    )
     gpu: int | None = Field(description="CUDA device index used, or null on the CPU.")
     device: str = Field(description="Device that ran the model, e.g. cuda:0 or cpu.")
     nnunet_path: str | list[str] = Field(description="Model(s) used: Bento tag or rel_path.")
@@ -313,5 +321,8 @@ class InferenceResponse(BaseModel):
     )
     dicom_struct: list[str] = Field(
         default_factory=list, description="RT Struct per stage (save_rt_struct_output)."
+    )
+    preview: list[str] = Field(
+        default_factory=list, description="Preview PNG per stage (save_preview)."
     )
     stages: list[StageOutputs]

@@ -96,6 +96,12 @@ def add_predict_arguments(parser: argparse.ArgumentParser) -> None:
     add("--min_intersection", type=float, help=field_help("min_intersection"))
     add("--class_idx", type=int, nargs="+", help=field_help("class_idx"))
     add("--suffix", help="Adds a suffix (_suffix) to the outputs if specified.")
+    add(
+        "--preview",
+        action="store_true",
+        help="Draws preview.png in output_dir: three slices through the mask with each "
+        "label's outline, volume and component count",
+    )
     add("--job_id", help="Job ID that will be used to post job status/create log file")
     add("--update_url", help="URL to be used to post job status")
     add("--success_message", default="success", help="Message to be posted in case of success")
@@ -153,6 +159,7 @@ def request_from(args: argparse.Namespace, model_id: str) -> InferenceRequest:
         class_idx=args.class_idx,
         fractional_as_segments=args.fractional_as_segments,
         suffix=args.suffix,
+        save_preview=args.preview,
     )
 
 
@@ -192,6 +199,7 @@ def run_predict(args: argparse.Namespace) -> str:
         *response.dicom_segmentation,
         *response.dicom_fractional_segmentation,
         *response.dicom_struct,
+        *response.preview,
     ]
     study = f", study {args.study_uid}" if args.study_uid else ""
     return (
