@@ -4,14 +4,16 @@ import bentoml
 
 from nnunet_bento.server.error_body import SeedErrorMiddleware
 from nnunet_bento.server.guard import RequestGuard
-from nnunet_bento.server.services import (
+from nnunet_bento.server.runner_service import (
     ModelRunnerBase,
-    SegmentationServiceBase,
     bento_model_attributes,
+    runner_config,
+)
+from nnunet_bento.server.services import (
+    SegmentationServiceBase,
     build_get_routes,
     guard_options,
     load_registry_or_exit,
-    runner_config,
     segmentation_config,
 )
 from nnunet_bento.settings import load_settings

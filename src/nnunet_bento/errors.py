@@ -36,6 +36,30 @@ class DeviceUnavailableError(NnunetBentoError):
     status_code = HTTPStatus.SERVICE_UNAVAILABLE
 
 
+class ConflictError(NnunetBentoError):
+    """The request collides with existing or running work, e.g. on output_dir (HTTP 409)."""
+
+    status_code = HTTPStatus.CONFLICT
+
+
+class TooLargeError(NnunetBentoError):
+    """An input, an upload or a result is past a configured bound (HTTP 413)."""
+
+    status_code = HTTPStatus.REQUEST_ENTITY_TOO_LARGE
+
+
+class UpstreamError(NnunetBentoError):
+    """A DICOM node or another upstream service could not be reached or failed (HTTP 502)."""
+
+    status_code = HTTPStatus.BAD_GATEWAY
+
+
+class InsufficientStorageError(NnunetBentoError):
+    """The output folder's disk is full (HTTP 507)."""
+
+    status_code = HTTPStatus.INSUFFICIENT_STORAGE
+
+
 class ModelFolderError(NnunetBentoError):
     """A folder is not a usable nnU-Net result folder."""
 
@@ -46,12 +70,7 @@ class SpecError(NnunetBentoError):
 
 def error_for_status(status_code: int, message: str) -> NnunetBentoError:
     """Rebuild the error that a status code stands for, e.g. after it crossed a process."""
-    for error_class in (
-        RequestError,
-        ForbiddenPathError,
-        InputNotFoundError,
-        DeviceUnavailableError,
-    ):
-        if error_class.status_code == status_code:
+    for error_class in NnunetBentoError.__subclasses__():
+        if error_class.status_code == status_code != HTTPStatus.INTERNAL_SERVER_ERROR:
             return error_class(message)
     return NnunetBentoError(message)

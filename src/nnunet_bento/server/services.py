@@ -1,11 +1,10 @@
-"""The BentoML services: SegmentationService (HTTP, CPU) and ModelRunner (GPU).
+"""The HTTP service: SegmentationService (CPU) parses requests and runs the pipeline.
 
-service.py builds the concrete classes from these bases, adding the spec's Bento models as
-class attributes so that `bentoml build` packs them.
+service.py builds the concrete class from this base, with the registry and the ModelRunner
+dependency as class attributes.
 """
 
 import logging
-import re
 import sys
 from typing import Any
 
@@ -18,21 +17,13 @@ from starlette.routing import Route
 
 from ..catalog.registry import Registry, build_registry, weights_source
 from ..catalog.spec import load_spec
-from ..errors import NnunetBentoError, SpecError, error_for_status
+from ..errors import NnunetBentoError, SpecError
 from ..io.sandbox import PathRoots
 from ..pipeline import SegmentationPipeline
 from ..request import InferenceRequest
-from ..runners.device import DeviceSelector
-from ..runners.nnunet_runner import RunnerModel, RunnerSet
-from ..runners.protocol import (
-    PredictionJob,
-    PredictionResult,
-    RunnerFailure,
-    from_wire,
-    to_wire,
-)
 from ..settings import ServeSettings, allowed_origins, load_settings
 from .error_body import error_response
+from .runner_service import RemotePredictor
 
 logger = logging.getLogger("nnunet_bento")
 
@@ -43,24 +34,6 @@ def load_registry_or_exit(settings: ServeSettings) -> Registry:
         return build_registry(load_spec(settings.model_serve_spec), weights_source(settings))
     except SpecError as error:
         sys.exit(f"nnunet-bento cannot start: {error}")
-
-
-def bento_model_attributes(registry: Registry) -> dict[str, bentoml.models.BentoModel]:
-    """One BentoModel class attribute per stored model, so that `bentoml build` packs it."""
-    return {
-        f"model_{re.sub(r'[^0-9a-zA-Z_]', '_', model.id)}": bentoml.models.BentoModel(model.source)
-        for model in registry.models.values()
-        if model.entry.tag
-    }
-
-
-def runner_config(settings: ServeSettings) -> dict[str, Any]:
-    return {
-        "name": "ModelRunner",
-        "resources": {"gpu": 1},
-        "workers": 1,
-        "traffic": {"timeout": settings.nnunet_bento_request_timeout_s},
-    }
 
 
 def segmentation_config(settings: ServeSettings) -> dict[str, Any]:
@@ -100,46 +73,6 @@ def warn_about_open_doors(settings: ServeSettings) -> None:
             "NNUNET_BENTO_INPUT_ROOTS and NNUNET_BENTO_OUTPUT_ROOT are not set: requests may "
             "read and write any path this process can; set them before exposing the port"
         )
-
-
-class ModelRunnerBase:
-    """Holds a warm runner per model; one worker, so GPU work runs one job at a time."""
-
-    registry: Registry
-
-    def __init__(self) -> None:
-        settings = load_settings()
-        models = {
-            model.id: RunnerModel(model.folder, model.entry.min_mem)
-            for model in self.registry.models.values()
-        }
-        self.runners = RunnerSet(
-            models,
-            DeviceSelector.for_this_machine(settings.nnunet_bento_gpu_wait_s),
-            settings.nnunet_bento_predictor_cache_size,
-        )
-
-    @bentoml.api
-    def predict(self, job: dict[str, Any]) -> dict[str, Any]:
-        """Run one PredictionJob (as to_wire made it); returns a result or a failure."""
-        return to_wire(self.runners.predict_or_failure(from_wire(job)))
-
-    @bentoml.api
-    def device_info(self) -> dict[str, Any]:
-        return self.runners.selector.describe()
-
-
-class RemotePredictor:
-    """The pipeline's Predictor backed by the ModelRunner service."""
-
-    def __init__(self, runner: Any) -> None:
-        self.runner = runner
-
-    def predict(self, job: PredictionJob) -> PredictionResult:
-        outcome = from_wire(self.runner.predict(job=to_wire(job)))
-        if isinstance(outcome, RunnerFailure):
-            raise error_for_status(outcome.status_code, outcome.message)
-        return outcome
 
 
 class SegmentationServiceBase:
