@@ -48,11 +48,13 @@ def test_success_writes_the_seed_names_and_posts_success(demo_study, tmp_path):
         )
     assert done.returncode == 0, done.stderr
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+        ".nnunet-bento-results.json",
         "prediction_v1.nii.gz",
         "probabilities_v1.nii.gz",
         "volume_0000_v1.nii.gz",
     ]
-    (body,) = received
+    running, body = received
+    assert running["status"] == "running", "the CLI says it started"
     assert (
         body["job_id"] == "job-1" and body["status"] == "segmented" and body["output_error"] == ""
     )

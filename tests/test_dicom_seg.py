@@ -294,10 +294,13 @@ def test_failed_write_leaves_no_file(
         raise OSError("disk full")
 
     monkeypatch.setattr(hd.seg.Segmentation, "save_as", fail_half_way)
-    with pytest.raises(OSError, match="disk full"), OutputStaging(tmp_path) as staging:
+    with (
+        pytest.raises(OSError, match="disk full"),
+        OutputStaging(tmp_path / "out", tmp_path / "work", overwrite=False) as staging,
+    ):
         path = staging.path("stage_0/prediction.dcm")
         write_label_segmentation(corner_mask(), axial, organ_metadata(), IDENTITY, path)
-    assert list(tmp_path.iterdir()) == []
+    assert not (tmp_path / "out").exists()
 
 
 def test_writer_errors_name_the_argument(axial: DicomSource, tmp_path: Path) -> None:

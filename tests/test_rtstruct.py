@@ -215,9 +215,12 @@ def test_failed_write_leaves_no_file(tmp_path: Path, monkeypatch: pytest.MonkeyP
         raise OSError("disk full")
 
     monkeypatch.setattr(pydicom.Dataset, "save_as", write_half_then_fail)
-    with pytest.raises(OSError, match="disk full"), OutputStaging(out) as staging:
+    with (
+        pytest.raises(OSError, match="disk full"),
+        OutputStaging(out, tmp_path / "work", overwrite=False) as staging,
+    ):
         write_rtstruct(_two_organs(SHAPE), source, NAMES, IDENTITY, staging.path("struct.dcm"))
-    assert list(out.iterdir()) == []
+    assert not out.exists()
 
 
 @pytest.mark.parametrize(

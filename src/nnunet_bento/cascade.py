@@ -53,16 +53,21 @@ def stage_reference(
 
 
 def reference_mask(
-    name: str, file: Path | None, earlier_masks: list[sitk.Image], grid: sitk.Image
+    name: str,
+    file: Path | None,
+    earlier_masks: list[sitk.Image],
+    grid: sitk.Image,
+    max_voxels: int | None = None,
 ) -> np.ndarray:
     """The mask ``name`` stands for on ``grid`` (nearest neighbour), as a (z, y, x) array:
-    an earlier stage's mask for ``stage_N``, else the (checked) ``file``."""
+    an earlier stage's mask for ``stage_N``, else the (checked) ``file``, which must be a
+    grayscale image of the grid's dimension."""
     index = earlier_stage(name)
     if index is not None:
         mask = earlier_masks[index]
     else:
         assert file is not None, "check_request_paths resolves every mask file"
-        mask = read_image(image_file_in(file))
+        mask = read_image(image_file_in(file), (grid.GetDimension(),), max_voxels)
     return sitk.GetArrayFromImage(resample_mask_onto(mask, grid))
 
 

@@ -60,6 +60,12 @@ class InsufficientStorageError(NnunetBentoError):
     status_code = HTTPStatus.INSUFFICIENT_STORAGE
 
 
+class RequestTimeoutError(NnunetBentoError):
+    """The request ran past NNUNET_BENTO_REQUEST_TIMEOUT_S and was stopped (HTTP 504)."""
+
+    status_code = HTTPStatus.GATEWAY_TIMEOUT
+
+
 class ModelFolderError(NnunetBentoError):
     """A folder is not a usable nnU-Net result folder."""
 

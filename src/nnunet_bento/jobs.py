@@ -13,6 +13,7 @@ from typing import Any
 import httpx
 
 logger = logging.getLogger(__name__)
+RUNNING = "running"
 
 
 def post_status(
@@ -34,8 +35,11 @@ def post_status(
             if response.is_success:
                 return True
             problem = f"HTTP {response.status_code}"
-        except httpx.HTTPError as error:
+        except (httpx.HTTPError, httpx.InvalidURL) as error:
             problem = f"{type(error).__name__}: {error}"
+            if isinstance(error, httpx.UnsupportedProtocol | httpx.InvalidURL):
+                logger.warning("job status URL %r is not usable: %s", url, problem)
+                return False
         logger.warning(
             "job status POST to %s failed (attempt %d/%d): %s", url, attempt, attempts, problem
         )
@@ -54,8 +58,11 @@ def update_log_file(path: Path, body: dict[str, Any]) -> None:
     if path.is_file():
         try:
             record = json.loads(path.read_text() or "{}")
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, UnicodeDecodeError):
             logger.warning("log file %s is not JSON; it is replaced", path)
+        if not isinstance(record, dict):
+            logger.warning("log file %s does not hold a JSON object; it is replaced", path)
+            record = {}
     for key in ("status", "output_error", "output_log"):
         record[key] = body[key]
     if not record.get("job_id"):
@@ -82,13 +89,27 @@ class JobReporter:
     failure_message: str = "failure"
 
     def report(self, succeeded: bool, output_error: str = "", output_log: str = "") -> None:
+        """The job's outcome: the success or the failure message."""
+        self.send(
+            self.success_message if succeeded else self.failure_message, output_error, output_log
+        )
+
+    def running(self) -> None:
+        """The job has started."""
+        self.send(RUNNING)
+
+    def send(self, status: str, output_error: str = "", output_log: str = "") -> None:
+        """Report a status; a status that cannot be reported is logged, never raised."""
         body = {
             "job_id": self.job_id,
-            "status": self.success_message if succeeded else self.failure_message,
+            "status": status,
             "output_error": output_error,
             "output_log": output_log,
         }
         if self.log_file is not None:
-            update_log_file(self.log_file, body)
+            try:
+                update_log_file(self.log_file, body)
+            except OSError as error:
+                logger.warning("cannot write the log file %s: %s", self.log_file, error)
         if self.update_url:
             post_status(self.update_url, body)

@@ -11,7 +11,7 @@ import SimpleITK as sitk
 
 from .cascade import check_stage_reference, predict_in_box, reference_mask, stage_reference
 from .catalog.registry import Registry
-from .errors import InputNotFoundError, NnunetBentoError, RequestError
+from .errors import InputNotFoundError, NnunetBentoError, RequestError, TooLargeError
 from .export import API_LAYOUT, OutputLayout, export_preview, export_stage
 from .io.dicom_series import read_dicom_series
 from .io.images import NnunetInput, image_file_in, image_like, read_image, to_nnunet_input
@@ -27,6 +27,7 @@ from .request import (
 )
 from .request_paths import RequestPaths, check_request_paths
 from .runners.protocol import PredictionJob, PredictionResult, Predictor
+from .settings import ServeSettings, load_settings
 from .stage import Stage, StageInput, StageMasks
 
 StepCallback = Callable[[int, str], None]
@@ -35,14 +36,19 @@ UNRESTRICTED = PathRoots(input_roots=None, output_root=None)
 
 
 class Timings:
-    """Seconds spent per named step, summed over stages; ``on_step`` hears each step start."""
+    """Seconds spent per named step, summed over stages; ``on_step`` hears each step start,
+    and ``check`` runs at each step boundary (it raises to stop the request there)."""
 
-    def __init__(self, on_step: StepCallback | None = None) -> None:
+    def __init__(
+        self, on_step: StepCallback | None = None, check: Callable[[], None] | None = None
+    ) -> None:
         self.seconds: dict[str, float] = defaultdict(float)
         self.on_step = on_step
+        self.check = check or (lambda: None)
 
     @contextmanager
     def step(self, name: str, stage: int) -> Iterator[None]:
+        self.check()
         if self.on_step is not None:
             self.on_step(stage, name)
         started = time.perf_counter()
@@ -50,6 +56,15 @@ class Timings:
             yield
         finally:
             self.seconds[name] += time.perf_counter() - started
+
+
+@contextmanager
+def writing_into(staging: OutputStaging) -> Iterator[None]:
+    """Writer failures (a read-only or full disk) become errors that name the folder."""
+    try:
+        yield
+    except (OSError, RuntimeError) as error:
+        raise staging.write_error(error) from error
 
 
 @dataclass(frozen=True)
@@ -69,11 +84,13 @@ class SegmentationPipeline:
         predictor: Predictor,
         layout: OutputLayout = API_LAYOUT,
         roots: PathRoots = UNRESTRICTED,
+        settings: ServeSettings | None = None,
     ):
         self.registry = registry
         self.predictor = predictor
         self.layout = layout
         self.roots = roots
+        self.settings = settings or load_settings()
 
     def plan(self, request: InferenceRequest) -> Plan:
         """Resolve the models, merge their default_args into per-stage settings, and check
@@ -94,6 +111,9 @@ class SegmentationPipeline:
             for field in ("intersect_with", "crop_from"):
                 check_stage_reference(field, getattr(stage.settings, field), stage.index)
             self._check_dicom_export(request, stage)
+            stage.model.description.check_checkpoints(
+                stage.model.id, stage.settings.use_folds, stage.settings.checkpoint_name
+            )
             unknown = set(stage.settings.class_idx or ()) - set(stage.labels)
             if unknown:
                 raise RequestError(
@@ -134,10 +154,11 @@ class SegmentationPipeline:
 
     def read(self, request: InferenceRequest, folders: tuple[Path, ...]) -> StageInput:
         """The stage's series on the first series' grid, with the DICOM source if any."""
+        max_voxels = self.settings.nnunet_bento_max_voxels
         if request.is_dicom:
-            sources = [read_dicom_series(folder) for folder in folders]
+            sources = [read_dicom_series(folder, max_voxels) for folder in folders]
             return StageInput(to_nnunet_input([s.image for s in sources]), sources[0])
-        images = [read_image(image_file_in(folder)) for folder in folders]
+        images = [read_image(image_file_in(f), max_voxels=max_voxels) for f in folders]
         return StageInput(to_nnunet_input(images), None)
 
     def predict(
@@ -151,23 +172,22 @@ class SegmentationPipeline:
         if crop_from is None:
             return self._predict(stage, image)
         crop_file = paths.masks[stage.index].get("crop_from")
-        crop_mask = reference_mask(crop_from, crop_file, masks, image.reference)
+        crop_mask = reference_mask(
+            crop_from, crop_file, masks, image.reference, self.settings.nnunet_bento_max_voxels
+        )
         return predict_in_box(
             lambda cropped: self._predict(stage, cropped),
             image,
             crop_mask,
             settings.crop_padding,
-            stage.labels,
+            stage.kept_labels,
             explicit=settings.crop_from,
         )
 
     def _predict(self, stage: Stage, image: NnunetInput) -> PredictionResult:
-        settings = stage.settings
-        needs_probabilities = (
-            settings.save_proba_map
-            or settings.min_confidence is not None
-            or (settings.class_idx is not None and settings.proba_threshold is not None)
-        )
+        kept = stage.kept_labels if stage.needs_probabilities else None
+        if kept is not None:
+            self._check_probability_memory(stage, image, len(kept))
         job = PredictionJob(
             model_id=stage.model.id,
             image=image.array,
@@ -175,7 +195,7 @@ class SegmentationPipeline:
             folds=tuple(stage.settings.use_folds),
             checkpoint_name=stage.settings.checkpoint_name,
             tta=stage.settings.tta,
-            probability_labels=stage.labels if needs_probabilities else None,
+            probability_labels=kept,
         )
         return self.predictor.predict(job)
 
@@ -199,16 +219,28 @@ class SegmentationPipeline:
                 paths.masks[stage.index].get("intersect_with"),
                 masks,
                 image.reference,
+                self.settings.nnunet_bento_max_voxels,
             )
         )
         segmentation, probabilities, labels = postprocess(
             result.segmentation,
             result.probabilities,
-            stage.labels,
+            stage.kept_labels,
             settings,
             reference,
         )
         return StageMasks(segmentation, probabilities if settings.save_proba_map else None, labels)
+
+    def _check_probability_memory(self, stage: Stage, image: NnunetInput, labels: int) -> None:
+        """413 when the kept labels' float32 probabilities would pass the configured bound."""
+        needed_mb = image.array[0].size * labels * 4 / 2**20
+        bound = self.settings.nnunet_bento_max_probability_mb
+        if needed_mb > bound:
+            raise TooLargeError(
+                f"model {stage.model.id!r}: the probabilities of {labels} label(s) need "
+                f"{needed_mb:.0f} MB, more than NNUNET_BENTO_MAX_PROBABILITY_MB ({bound}); keep "
+                "fewer labels with class_idx, or drop save_proba_map and min_confidence"
+            )
 
     def _run_stages(
         self, request: InferenceRequest, plan: Plan, timings: Timings
@@ -217,7 +249,12 @@ class SegmentationPipeline:
         results: list[PredictionResult] = []
         stage_outputs: list[StageOutputs] = []
         stage_masks: list[sitk.Image] = []
-        with OutputStaging(plan.paths.output_dir) as staging:
+        with OutputStaging(
+            plan.paths.output_dir,
+            self.settings.nnunet_bento_work_dir,
+            overwrite=request.overwrite,
+            shown=plan.paths.output_shown,
+        ) as staging:
             for stage in plan.stages:
                 with timings.step("read", stage.index):
                     stage_input = self.read(request, plan.paths.series[stage.index])
@@ -227,26 +264,31 @@ class SegmentationPipeline:
                 with timings.step("postprocess", stage.index):
                     masks = self.postprocess(plan.paths, stage, image, results[-1], stage_masks)
                 stage_masks.append(image_like(masks.segmentation, image.reference))
-                with timings.step("export", stage.index):
+                with timings.step("export", stage.index), writing_into(staging):
                     outputs = export_stage(request, stage, stage_input, masks, staging, self.layout)
                 if request.save_preview:
-                    with timings.step("preview", stage.index):
+                    with timings.step("preview", stage.index), writing_into(staging):
                         outputs.preview = export_preview(
                             request, stage, stage_input, masks, staging, self.layout
                         )
                 stage_outputs.append(outputs)
+            timings.check()
         return results, stage_outputs
 
     def run(
-        self, request: InferenceRequest, on_step: StepCallback | None = None
+        self,
+        request: InferenceRequest,
+        on_step: StepCallback | None = None,
+        check: Callable[[], None] | None = None,
     ) -> InferenceResponse:
         """Plan, then read, predict and export every stage; outputs appear only on success.
 
-        ``on_step(stage, step)`` is called as each of read, predict, postprocess and export
-        starts (for progress displays).
+        ``on_step(stage, step)`` is called as each step starts (for progress displays).
+        ``check()`` is called at each step boundary and before the commit: what it raises
+        (a timeout, a cancellation) stops the request there, and nothing is committed.
         """
         started = time.perf_counter()
-        timings = Timings(on_step)
+        timings = Timings(on_step, check)
         plan = self.plan(request)
         try:
             results, stage_outputs = self._run_stages(request, plan, timings)

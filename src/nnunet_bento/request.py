@@ -5,7 +5,8 @@ Per-model fields are declared once, in ``StageSettings``, with the server's defa
 list with one value per model), and the CLI derives its flags' help from them too.
 """
 
-from typing import Any, Literal, get_args, get_origin
+import re
+from typing import Annotated, Any, Literal, get_args, get_origin
 
 from pydantic import (
     BaseModel,
@@ -21,6 +22,9 @@ from pydantic.fields import FieldInfo
 from .errors import RequestError
 
 FoldId = int | str
+Voxels = Annotated[int, Field(ge=0, le=10_000)]
+ModelName = Annotated[str, Field(min_length=1, max_length=256)]
+SUFFIX_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 CascadeMode = Literal["intersect", "crop"]
 SegmentationType = Literal["binary", "labelmap"]
 
@@ -77,7 +81,7 @@ class StageSettings(BaseModel):
         description="Mask under study_path (or stage_N) whose bounding box, plus crop_padding, "
         "crops the inputs.",
     )
-    crop_padding: tuple[int, int, int] = Field(
+    crop_padding: tuple[Voxels, Voxels, Voxels] = Field(
         (10, 10, 10), description="Voxels added around the crop box (z, y, x)."
     )
     save_proba_map: bool = Field(
@@ -162,7 +166,7 @@ class RequestFields(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    nnunet_id: str | list[str] = Field(
+    nnunet_id: ModelName | Annotated[list[ModelName], Field(min_length=1, max_length=16)] = Field(
         description="Model id, name or alias; a list runs the models as a cascade."
     )
     study_path: str = Field(description="Root folder of the study; series_folders are under it.")
@@ -183,14 +187,28 @@ class RequestFields(BaseModel):
         description="Draw stage_N/preview.png: three slices through the mask with each "
         "label's outline, volume (ml) and component count.",
     )
-    suffix: str | None = Field(None, description="Appended to output names: prediction_<suffix>.")
+    suffix: str | None = Field(
+        None,
+        json_schema_extra={"pattern": SUFFIX_PATTERN},
+        description="Appended to output names: prediction_<suffix>. Letters, digits, '.', '_' "
+        "and '-', at most 64.",
+    )
 
     @field_validator("suffix")
     @classmethod
     def _suffix_is_a_name(cls, value: str | None) -> str | None:
-        if value is not None and (not value or "/" in value or "\\" in value or ".." in value):
-            raise ValueError("suffix must be a plain name without path separators")
+        if value is not None and not re.fullmatch(SUFFIX_PATTERN, value):
+            raise ValueError(
+                "suffix must be a plain name: 1 to 64 letters, digits, '.', '_' or '-', "
+                "starting with a letter or digit"
+            )
         return value
+
+    overwrite: bool = Field(
+        False,
+        description="Replace the results of an earlier request in output_dir as a whole; "
+        "without it, an output_dir that holds results is refused (409).",
+    )
 
     @property
     def model_ids(self) -> list[str]:

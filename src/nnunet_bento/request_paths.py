@@ -15,6 +15,7 @@ class RequestPaths:
 
     study: Path
     output_dir: Path
+    output_shown: str
     series: list[tuple[Path, ...]]
     masks: list[dict[str, Path]]
 
@@ -55,4 +56,4 @@ def check_request_paths(
             if name is not None and earlier_stage(name) is None:
                 files[field] = roots.in_study(field_name(field, stage.index, n), study, name)
         masks.append(files)
-    return RequestPaths(study, output, series, masks)
+    return RequestPaths(study, output, roots.output_shown(output, output_dir), series, masks)

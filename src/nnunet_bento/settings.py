@@ -1,5 +1,6 @@
 """Environment settings of the server and the CLI."""
 
+import tempfile
 from pathlib import Path
 
 from pydantic import Field, SecretStr
@@ -51,6 +52,22 @@ class ServeSettings(BaseSettings):
     )
     nnunet_bento_request_timeout_s: int = Field(
         3600, ge=1, description="Longest time one inference request may take."
+    )
+    nnunet_bento_work_dir: Path = Field(
+        Path(tempfile.gettempdir()) / "nnunet-bento",
+        description="Our work folder: output locks, staging records, uploads, job records.",
+    )
+    nnunet_bento_max_voxels: int = Field(
+        200_000_000, ge=1, description="Most voxels of one input image, checked from its header."
+    )
+    nnunet_bento_max_probability_mb: int = Field(
+        8192, ge=1, description="Most memory for the probabilities a stage keeps (float32)."
+    )
+    nnunet_bento_max_pipelines: int = Field(
+        2, ge=1, description="Requests that run their pipeline at once in an API worker."
+    )
+    nnunet_bento_max_queue: int = Field(
+        8, ge=0, description="Requests that wait for a pipeline slot; more get a 503."
     )
 
 

@@ -24,6 +24,24 @@ class Stage:
         """The model's foreground label values; probabilities are indexed like this."""
         return tuple(self.model.description.foreground_labels.values())
 
+    @property
+    def kept_labels(self) -> tuple[int, ...]:
+        """The labels the request keeps (class_idx), in the model's order; all by default."""
+        kept = self.settings.class_idx
+        return (
+            self.labels if kept is None else tuple(label for label in self.labels if label in kept)
+        )
+
+    @property
+    def needs_probabilities(self) -> bool:
+        """Whether post-processing or export uses the probabilities of the kept labels."""
+        settings = self.settings
+        return (
+            settings.save_proba_map
+            or settings.min_confidence is not None
+            or (settings.class_idx is not None and settings.proba_threshold is not None)
+        )
+
 
 @dataclass(frozen=True)
 class StageInput:

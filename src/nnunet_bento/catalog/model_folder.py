@@ -2,11 +2,12 @@
 
 import hashlib
 import json
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import ModelFolderError
+from ..errors import ModelFolderError, RequestError
 
 CHECKPOINT_GLOB = "checkpoint_*.pth"
 
@@ -37,6 +38,19 @@ class ModelDescription:
             for name, value in self.labels.items()
             if isinstance(value, int) and value != 0
         }
+
+    def check_checkpoints(self, model_id: str, folds: Iterable[int | str], name: str) -> None:
+        """Every fold must have checkpoint ``name``; a RequestError lists what there is."""
+        for fold in folds:
+            if name not in self.checkpoints.get(str(fold), []):
+                available = ", ".join(
+                    f"fold_{f}/{checkpoint}"
+                    for f, names in self.checkpoints.items()
+                    for checkpoint in names
+                )
+                raise RequestError(
+                    f"model {model_id!r} has no fold_{fold}/{name}; available: {available}"
+                )
 
     def to_metadata(self) -> dict[str, Any]:
         """A JSON-ready record for the Bento model store and /model_info."""

@@ -3,8 +3,11 @@
 import argparse
 import logging
 import os
+import signal
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from tqdm import tqdm
@@ -160,6 +163,7 @@ def request_from(args: argparse.Namespace, model_id: str) -> InferenceRequest:
         fractional_as_segments=args.fractional_as_segments,
         suffix=args.suffix,
         save_preview=args.preview,
+        overwrite=True,
     )
 
 
@@ -171,7 +175,7 @@ def local_pipeline(registry: Registry) -> SegmentationPipeline:
         DeviceSelector.for_this_machine(settings.nnunet_bento_gpu_wait_s),
         cache_size=1,
     )
-    return SegmentationPipeline(registry, runners, CLI_LAYOUT)
+    return SegmentationPipeline(registry, runners, CLI_LAYOUT, settings=settings)
 
 
 def run_predict(args: argparse.Namespace) -> str:
@@ -208,6 +212,25 @@ def run_predict(args: argparse.Namespace) -> str:
     )
 
 
+class TerminatedError(NnunetBentoError):
+    """The command received SIGTERM."""
+
+
+@contextmanager
+def stopped_by_sigterm() -> Iterator[None]:
+    """SIGTERM raises TerminatedError, so that the job is reported failed and nothing is
+    committed."""
+
+    def terminate(signum: int, frame: object) -> None:
+        raise TerminatedError("terminated by SIGTERM; nothing was written")
+
+    previous = signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def predict(args: argparse.Namespace) -> int:
     """The command: 0 on success; one error line and 1 on failure (traceback with --debug)."""
     reporter = JobReporter(
@@ -217,8 +240,10 @@ def predict(args: argparse.Namespace) -> int:
         success_message=args.success_message,
         failure_message=args.failure_message,
     )
+    reporter.running()
     try:
-        summary = run_predict(args)
+        with stopped_by_sigterm():
+            summary = run_predict(args)
     except Exception as error:
         message = (
             str(error)

@@ -5,6 +5,7 @@ file name or Instance Number, and the volume keeps the series' origin and orient
 SimpleITK's ImageSeriesReader (GDCM) does.
 """
 
+from collections.abc import Sequence
 from functools import partial
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from pydicom.pixels import pixel_array
 
 from ..errors import InputNotFoundError, RequestError
 from .dicom_source import DicomSource
+from .images import check_voxel_count
 
 SLICE_GAP_TOLERANCE = 0.01  # relative to the expected slice spacing
 SHEAR_TOLERANCE = 0.1  # relative to the smallest pixel spacing
@@ -23,11 +25,14 @@ MIN_SLICE_SPACING = 1e-3  # mm
 MAX_LISTED = 5
 
 
-def read_dicom_series(folder: Path) -> DicomSource:
-    """Read the one DICOM image series in ``folder`` as a volume sorted along the slice normal."""
+def read_dicom_series(folder: Path, max_voxels: int | None = None) -> DicomSource:
+    """Read the one DICOM image series in ``folder`` as a volume sorted along the slice normal
+    (at most ``max_voxels`` voxels, checked before the pixels are decoded)."""
     folder = Path(folder)
     datasets = _image_datasets(folder)
     _check_one_series(folder, datasets)
+    rows, columns = (int(datasets[0].get(keyword) or 0) for keyword in ("Rows", "Columns"))
+    check_voxel_count(f"DICOM series {folder}", rows * columns * len(datasets), max_voxels)
     _check_same_geometry(folder, datasets)
     normal = _slice_normal(datasets[0])
     datasets.sort(key=lambda ds: float(_position(ds) @ normal))
@@ -47,7 +52,10 @@ def _image_datasets(folder: Path) -> list[pydicom.Dataset]:
         raise InputNotFoundError(f"DICOM series folder {folder} does not exist")
     if not folder.is_dir():
         raise RequestError(f"DICOM series {folder} is not a folder")
-    files = sorted(path for path in folder.iterdir() if path.is_file())
+    try:
+        files = sorted(path for path in folder.iterdir() if path.is_file())
+    except OSError as error:
+        raise RequestError(f"cannot list DICOM series folder {folder}: {error.strerror}") from None
     dicom = [ds for ds in map(_read_dicom, files) if ds is not None]
     images = [ds for ds in dicom if "PixelData" in ds]
     if not images:
@@ -86,11 +94,24 @@ def _check_one_series(folder: Path, datasets: list[pydicom.Dataset]) -> None:
         )
 
 
+REQUIRED_COUNTS = {"ImagePositionPatient": 3, "ImageOrientationPatient": 6, "PixelSpacing": 2}
+
+
 def _required(ds: pydicom.Dataset, keyword: str) -> list[float]:
     """A numeric multi-valued attribute that the volume geometry needs."""
     if keyword not in ds:
         raise RequestError(f"DICOM slice {ds.filename} has no {keyword}")
-    return [float(v) for v in ds[keyword].value]
+    value = ds[keyword].value
+    expected = REQUIRED_COUNTS[keyword]
+    try:
+        numbers = [float(v) for v in (value if isinstance(value, Sequence) else [value])]
+    except (TypeError, ValueError):
+        numbers = []
+    if len(numbers) != expected or not np.all(np.isfinite(numbers)):
+        raise RequestError(
+            f"DICOM slice {ds.filename} has a malformed {keyword}: expected {expected} numbers"
+        )
+    return numbers
 
 
 def _position(ds: pydicom.Dataset) -> np.ndarray:
@@ -105,7 +126,13 @@ def _orientation(ds: pydicom.Dataset) -> tuple[np.ndarray, np.ndarray]:
 
 def _slice_normal(ds: pydicom.Dataset) -> np.ndarray:
     normal = np.cross(*_orientation(ds))
-    return normal / np.linalg.norm(normal)
+    length = np.linalg.norm(normal)
+    if length < 1e-3:
+        raise RequestError(
+            f"DICOM slice {ds.filename} has a malformed ImageOrientationPatient: its row and "
+            "column directions are zero or parallel"
+        )
+    return normal / length
 
 
 def _size(ds: pydicom.Dataset) -> list[int]:

@@ -1,5 +1,8 @@
 """Read image series that SimpleITK understands, and put them on one grid for nnU-Net."""
 
+import gzip
+import math
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -7,7 +10,7 @@ from typing import Any
 import numpy as np
 import SimpleITK as sitk
 
-from ..errors import InputNotFoundError, RequestError
+from ..errors import InputNotFoundError, RequestError, TooLargeError
 
 IMAGE_SUFFIXES = (".nii.gz", ".nii", ".mha", ".mhd", ".nrrd", ".nhdr")
 
@@ -22,7 +25,12 @@ def image_file_in(series: Path) -> Path:
         raise InputNotFoundError(f"input series {series} does not exist")
     if series.is_file():
         return series
-    images = sorted(p for p in series.iterdir() if is_image_file(p))
+    if not series.is_dir():
+        raise RequestError(f"input series {series} is neither a regular file nor a folder")
+    try:
+        images = sorted(p for p in series.iterdir() if is_image_file(p))
+    except OSError as error:
+        raise RequestError(f"cannot list series folder {series}: {error.strerror}") from None
     if len(images) != 1:
         found = ", ".join(p.name for p in images) or "no image file"
         raise RequestError(
@@ -32,13 +40,66 @@ def image_file_in(series: Path) -> Path:
     return images[0]
 
 
-def read_image(path: Path) -> sitk.Image:
-    """Read one image file; an unreadable file is the client's error."""
+def check_compressed_stream(path: Path) -> None:
+    """A gzip file must decompress to its end with a valid checksum (a truncated or corrupt
+    .nii.gz otherwise reads as an image with missing voxels)."""
+    if not path.name.lower().endswith(".gz"):
+        return
+    try:
+        with gzip.open(path, "rb") as stream:
+            while stream.read(1 << 24):
+                pass
+    except (OSError, EOFError, zlib.error) as error:
+        raise RequestError(
+            f"image {path} is truncated or corrupt ({type(error).__name__}: its compressed "
+            "stream does not end with a valid checksum); send the complete file"
+        ) from None
+
+
+def check_image_header(path: Path, dimensions: tuple[int, ...], max_voxels: int | None) -> None:
+    """From the header, before the pixels are read: a grayscale image of ``dimensions``
+    dimensions and at most ``max_voxels`` voxels (None: no bound)."""
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError as error:
+        raise RequestError(f"cannot read image {path}: {_last_line(error)}") from None
+    size = reader.GetSize()
+    if reader.GetNumberOfComponents() != 1:
+        raise RequestError(
+            f"image {path} has {reader.GetNumberOfComponents()} components per voxel (a colour "
+            "or vector image); expected a grayscale image"
+        )
+    if len(size) not in dimensions:
+        expected = " or ".join(f"{d}D" for d in dimensions)
+        raise RequestError(f"image {path} is {len(size)}D; expected {expected}")
+    check_voxel_count(f"image {path}", math.prod(size), max_voxels)
+
+
+def check_voxel_count(what: str, voxels: int, max_voxels: int | None) -> None:
+    """413 when an input has more voxels than NNUNET_BENTO_MAX_VOXELS allows."""
+    if max_voxels is not None and voxels > max_voxels:
+        raise TooLargeError(
+            f"{what} has {voxels} voxels, more than NNUNET_BENTO_MAX_VOXELS ({max_voxels})"
+        )
+
+
+def read_image(
+    path: Path, dimensions: tuple[int, ...] = (2, 3), max_voxels: int | None = None
+) -> sitk.Image:
+    """Read one image file, checked first; an unreadable file is the client's error."""
+    check_image_header(path, dimensions, max_voxels)
+    check_compressed_stream(path)
     try:
         return sitk.ReadImage(str(path))
     except RuntimeError as error:
-        first_line = str(error).strip().splitlines()[-1] if str(error).strip() else ""
-        raise RequestError(f"cannot read image {path}: {first_line}") from None
+        raise RequestError(f"cannot read image {path}: {_last_line(error)}") from None
+
+
+def _last_line(error: Exception) -> str:
+    text = str(error).strip()
+    return text.splitlines()[-1] if text else type(error).__name__
 
 
 def resample_onto(image: sitk.Image, reference: sitk.Image) -> sitk.Image:

@@ -95,6 +95,13 @@ class PathRoots:
             raise ForbiddenPathError(f"{field}: path is outside the allowed output root")
         return path
 
+    def output_shown(self, resolved: Path, value: str) -> str:
+        """How errors name an output folder: relative to the output root, else as given."""
+        if self.output_root is None:
+            return value
+        relative = resolved.relative_to(self.output_root).as_posix()
+        return f"{relative} (under the output root)" if relative != "." else "the output root"
+
     def in_study(self, field: str, study: Path, entry: str) -> Path:
         """Resolve an entry of a resolved study folder (relative to it, or absolute); it must
         stay inside the study."""

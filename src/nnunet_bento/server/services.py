@@ -10,6 +10,8 @@ from typing import Any
 
 import anyio
 import bentoml
+import httpx
+from bentoml.exceptions import BentoMLException
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse
@@ -17,11 +19,13 @@ from starlette.routing import Route
 
 from ..catalog.registry import Registry, build_registry, weights_source
 from ..catalog.spec import load_spec
-from ..errors import NnunetBentoError, SpecError
+from ..errors import DeviceUnavailableError, NnunetBentoError, SpecError
 from ..io.sandbox import PathRoots
-from ..pipeline import SegmentationPipeline
-from ..request import InferenceRequest
+from ..io.staging import remove_stale_staging
+from ..pipeline import SegmentationPipeline, StepCallback
+from ..request import InferenceRequest, InferenceResponse
 from ..settings import ServeSettings, allowed_origins, load_settings
+from .admission import RETRY_AFTER_S, Admission, deadline_check
 from .error_body import error_response
 from .runner_service import RemotePredictor
 
@@ -75,6 +79,13 @@ def warn_about_open_doors(settings: ServeSettings) -> None:
         )
 
 
+def is_runner_unavailable(error: Exception) -> bool:
+    """Whether ``error`` is the BentoML client failing to reach the ModelRunner."""
+    return isinstance(error, httpx.TransportError | BentoMLException) and not isinstance(
+        error, NnunetBentoError
+    )
+
+
 class SegmentationServiceBase:
     """HTTP entry point: parses requests, runs the pipeline in a thread, answers JSON."""
 
@@ -86,8 +97,18 @@ class SegmentationServiceBase:
         self.settings = load_settings()
         warn_about_open_doors(self.settings)
         self.pipeline = SegmentationPipeline(
-            self.registry, RemotePredictor(self.runner), roots=path_roots(self.settings)
+            self.registry,
+            RemotePredictor(self.runner),
+            roots=path_roots(self.settings),
+            settings=self.settings,
         )
+        self.admission = Admission(
+            self.settings.nnunet_bento_max_pipelines, self.settings.nnunet_bento_max_queue
+        )
+        for folder in remove_stale_staging(
+            self.settings.nnunet_bento_work_dir, self.settings.nnunet_bento_request_timeout_s
+        ):
+            logger.warning("removed the staging folder %s of an interrupted request", folder)
         self.device: str | None = None
         self.get_routes.state.service = self
 
@@ -96,20 +117,40 @@ class SegmentationServiceBase:
         """Run one inference request (a model, or a cascade of models)."""
         request = InferenceRequest(**fields)
         try:
-            response = await anyio.to_thread.run_sync(self.pipeline.run, request)
-        except NnunetBentoError as error:
+            response = await self.run_pipeline(request)
+        except Exception as error:
+            return self.failure(request, error)
+        return response.model_dump(mode="json")
+
+    async def run_pipeline(
+        self, request: InferenceRequest, on_step: StepCallback | None = None
+    ) -> InferenceResponse:
+        """Run the request in a worker thread once a pipeline slot is free, with a deadline."""
+        check = deadline_check(self.settings.nnunet_bento_request_timeout_s)
+        async with self.admission.slot():
+            return await anyio.to_thread.run_sync(self.pipeline.run, request, on_step, check)
+
+    def failure(self, request: InferenceRequest, error: Exception) -> JSONResponse:
+        """The error response for a failed request; details of unexpected errors go to the log."""
+        if is_runner_unavailable(error):
+            logger.warning(
+                "request for %s: the model runner is unavailable: %s", request.nnunet_id, error
+            )
+            error = DeviceUnavailableError(
+                "the model runner stopped or is restarting during the request; retry"
+            )
+        if isinstance(error, NnunetBentoError):
             logger.warning(
                 "request for %s failed: %s", request.nnunet_id, error, exc_info=self.settings.debug
             )
-            return error_response(error.status_code, str(error))
-        except Exception as error:
-            logger.exception("request for %s failed", request.nnunet_id)
-            return error_response(
-                500,
-                f"inference failed: {type(error).__name__} while running model(s) "
-                f"{', '.join(request.model_ids)}; the server log has the details",
-            )
-        return response.model_dump(mode="json")
+            headers = {"Retry-After": str(RETRY_AFTER_S)} if error.status_code == 503 else None
+            return error_response(error.status_code, str(error), headers)
+        logger.error("request for %s failed", request.nnunet_id, exc_info=error)
+        return error_response(
+            500,
+            f"inference failed: {type(error).__name__} while running model(s) "
+            f"{', '.join(request.model_ids)}; the server log has the details",
+        )
 
     @bentoml.api
     async def model_info(self) -> dict[str, Any]:

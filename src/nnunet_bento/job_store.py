@@ -1,0 +1,205 @@
+"""Background job records in a SQLite file that every API worker process shares.
+
+Each thread has its own connection (WAL journal, busy timeout), so any thread of any process
+may call any method. Every state change is one conditional UPDATE: a job cancelled while it
+runs is never finished afterwards, and a finished or failed job is never cancelled. Records
+expire ``ttl_s`` after they finish (done, failed or cancelled); queued and running jobs never do.
+The file must be on a local disk: SQLite's WAL mode does not work over network filesystems.
+"""
+
+import json
+import os
+import secrets
+import sqlite3
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, fields
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Literal
+
+JobKind = Literal["infer", "upload"]
+JobStatus = Literal["queued", "running", "done", "failed", "cancelled"]
+BUSY_TIMEOUT_S = 60.0
+_ACTIVE = ("queued", "running")
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    job_id TEXT PRIMARY KEY,
+    kind TEXT NOT NULL CHECK (kind IN ('infer', 'upload')),
+    status TEXT NOT NULL
+        CHECK (status IN ('queued', 'running', 'done', 'failed', 'cancelled')),
+    stage INTEGER,
+    n_stages INTEGER,
+    step TEXT,
+    created REAL NOT NULL,
+    started REAL,
+    finished REAL,
+    error TEXT,
+    status_code INTEGER,
+    result_json TEXT,
+    result_file TEXT
+)
+"""
+
+
+@dataclass(frozen=True)
+class JobRecord:
+    """One job: its state, its progress, and its outcome."""
+
+    job_id: str
+    kind: JobKind
+    status: JobStatus
+    stage: int | None
+    n_stages: int | None
+    step: str | None
+    created: float
+    started: float | None
+    finished: float | None
+    error: str | None
+    status_code: int | None
+    result_json: dict[str, Any] | None
+    result_file: str | None
+
+    def to_public(self) -> dict[str, Any]:
+        """What GET /jobs/{job_id} answers: no result, and never a server path."""
+        stage = None if self.stage is None else {"index": self.stage, "count": self.n_stages}
+        return {
+            "job_id": self.job_id,
+            "kind": self.kind,
+            "status": self.status,
+            "stage": stage,
+            "step": self.step,
+            "created": _iso(self.created),
+            "started": _iso(self.started),
+            "finished": _iso(self.finished),
+            "error": self.error,
+            "status_code": self.status_code,
+        }
+
+
+_COLUMNS = ", ".join(field.name for field in fields(JobRecord))
+
+
+def _iso(timestamp: float | None) -> str | None:
+    """Epoch seconds as an ISO 8601 UTC timestamp."""
+    return None if timestamp is None else datetime.fromtimestamp(timestamp, UTC).isoformat()
+
+
+def _record(row: sqlite3.Row) -> JobRecord:
+    """A table row as a record, its result JSON parsed."""
+    values = dict(row)
+    result = values.pop("result_json")
+    return JobRecord(**values, result_json=None if result is None else json.loads(result))
+
+
+class JobStore:
+    """Job records in a SQLite file shared by every API worker process."""
+
+    def __init__(self, path: Path, ttl_s: float, clock: Callable[[], float] = time.time) -> None:
+        """Open or create the file and its table, in WAL mode; ``clock`` gives epoch seconds."""
+        self.path = path
+        self.ttl_s = ttl_s
+        self._clock = clock
+        self._local = threading.local()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._db().execute("PRAGMA journal_mode=WAL")
+        self._db().execute(_SCHEMA)
+
+    def _db(self) -> sqlite3.Connection:
+        """This thread's connection, opened on first use and again in a forked child.
+
+        Autocommit mode: each statement is its own transaction. WAL with synchronous=NORMAL
+        never corrupts the file; a power cut may lose the last updates.
+        """
+        local = self._local
+        if getattr(local, "pid", None) != os.getpid():
+            local.db = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_S, isolation_level=None)
+            local.db.row_factory = sqlite3.Row
+            local.db.execute("PRAGMA synchronous=NORMAL")
+            local.pid = os.getpid()
+        return local.db
+
+    def create(self, kind: JobKind) -> JobRecord:
+        """A new queued job with a random, unguessable id."""
+        (record,) = self._records(
+            "INSERT INTO jobs (job_id, kind, status, created) VALUES (?, ?, 'queued', ?) "
+            f"RETURNING {_COLUMNS}",
+            (secrets.token_urlsafe(16), kind, self._clock()),
+        )
+        return record
+
+    def get(self, job_id: str) -> JobRecord | None:
+        """The job's record; None for an unknown or expired job."""
+        records = self._records(f"SELECT {_COLUMNS} FROM jobs WHERE job_id = ?", (job_id,))
+        if not records or self._expired(records[0], self._clock()):
+            return None
+        return records[0]
+
+    def start(self, job_id: str) -> bool:
+        """queued -> running; False when the job is no longer queued (cancelled meanwhile)."""
+        return self._update(job_id, ("queued",), status="running", started=self._clock())
+
+    def progress(self, job_id: str, stage: int, n_stages: int, step: str) -> None:
+        """Record a running job's stage (0-based, as ``stage_N``), stage count and step."""
+        self._update(job_id, ("running",), stage=stage, n_stages=n_stages, step=step)
+
+    def finish(
+        self, job_id: str, result_json: dict[str, Any], result_file: str | None = None
+    ) -> bool:
+        """running -> done with its result; False, and nothing stored, when it was cancelled."""
+        return self._update(
+            job_id,
+            ("running",),
+            status="done",
+            finished=self._clock(),
+            result_json=json.dumps(result_json),
+            result_file=result_file,
+        )
+
+    def fail(self, job_id: str, error: str, status_code: int) -> None:
+        """queued or running -> failed, with the error and its HTTP status; a cancel stays."""
+        self._update(
+            job_id,
+            _ACTIVE,
+            status="failed",
+            finished=self._clock(),
+            error=error,
+            status_code=status_code,
+        )
+
+    def cancel(self, job_id: str) -> JobRecord | None:
+        """queued or running -> cancelled; done and failed jobs stay. The record after it."""
+        self._update(job_id, _ACTIVE, status="cancelled", finished=self._clock())
+        return self.get(job_id)
+
+    def is_cancelled(self, job_id: str) -> bool:
+        """Whether the worker should stop: the job was cancelled, or its record is gone."""
+        record = self.get(job_id)
+        return record is None or record.status == "cancelled"
+
+    def expire(self, now: float | None = None) -> list[JobRecord]:
+        """Delete the records finished more than ttl_s ago; returns them (to delete results)."""
+        cutoff = (self._clock() if now is None else now) - self.ttl_s
+        records = self._records(
+            f"DELETE FROM jobs WHERE finished < ? RETURNING {_COLUMNS}", (cutoff,)
+        )
+        return sorted(records, key=lambda record: record.created)
+
+    def _expired(self, record: JobRecord, now: float) -> bool:
+        """Whether the record finished more than ttl_s before now."""
+        return record.finished is not None and record.finished < now - self.ttl_s
+
+    def _records(self, sql: str, parameters: tuple[Any, ...]) -> list[JobRecord]:
+        """Run one statement that gives job rows (SELECT, or RETURNING) to its end."""
+        return [_record(row) for row in self._db().execute(sql, parameters).fetchall()]
+
+    def _update(self, job_id: str, statuses: tuple[str, ...], **values: Any) -> bool:
+        """Set columns of the job if its status is one of ``statuses``; whether it was."""
+        assignments = ", ".join(f"{column} = ?" for column in values)
+        marks = ", ".join("?" for _ in statuses)
+        cursor = self._db().execute(
+            f"UPDATE jobs SET {assignments} WHERE job_id = ? AND status IN ({marks})",
+            (*values.values(), job_id, *statuses),
+        )
+        return cursor.rowcount == 1
