@@ -131,6 +131,7 @@ def orthanc(folder: Path) -> Iterator[Orthanc]:
             stdout=log_stream,
             stderr=subprocess.STDOUT,
             start_new_session=True,
+            env={**os.environ, "TCP_NODELAY": "1"},
         )
     server = Orthanc(http_port, dicom_port, process, log)
     try:

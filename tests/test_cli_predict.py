@@ -2,8 +2,10 @@
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import SimpleITK as sitk
@@ -165,3 +167,34 @@ def test_validate_metadata_reports_each_bad_key_on_one_line(tmp_path):
     assert failed.returncode == 1
     (line,) = failed.stderr.strip().splitlines()
     assert "segmentAttributes[0][0].SegmentedPropertyTypeCodeSequence: missing" in line
+
+
+def test_sigterm_reports_failed_exits_non_zero_and_writes_nothing(demo_study, tmp_path):
+    with recording_server() as (url, received):
+        process = subprocess.Popen(
+            [
+                *(
+                    sys.executable,
+                    "-m",
+                    "nnunet_bento.cli",
+                    "predict",
+                    "-i",
+                    str(demo_study / "T2"),
+                ),
+                *("-m", str(MODELS / "organ"), "-o", str(tmp_path / "out"), "-f", "0", "1", "-t"),
+                *("--update_url", url, "--job_id", "j-term"),
+            ],
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        deadline = time.monotonic() + 120
+        while not received and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert received and received[0]["status"] == "running"
+        process.send_signal(signal.SIGTERM)
+        _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 1
+    assert "terminated by SIGTERM" in stderr
+    assert received[-1]["status"] == "failure"
+    assert "SIGTERM" in received[-1]["output_error"]
+    assert not (tmp_path / "out").exists(), "nothing committed, no folder created"

@@ -62,7 +62,10 @@ class JobRecord:
     result_file: str | None
 
     def to_public(self) -> dict[str, Any]:
-        """What GET /jobs/{job_id} answers: no result, and never a server path."""
+        """What GET /jobs/{job_id} answers; stage is {index (0-based, as stage_N), count}.
+
+        It holds no result and never a server path (``result_file``).
+        """
         stage = None if self.stage is None else {"index": self.stage, "count": self.n_stages}
         return {
             "job_id": self.job_id,

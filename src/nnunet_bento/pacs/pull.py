@@ -21,11 +21,11 @@ from pynetdicom.events import Event
 from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind as FIND_MODEL
 from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelGet as GET_MODEL
 
-from ..errors import InputNotFoundError, RequestError, UpstreamError
+from ..errors import InputNotFoundError, RequestError
 from .connect import (
     DEFAULT_TIMEOUT_S,
+    NodeError,
     associate,
-    association_reason,
     dicomweb_client,
     http_reason,
 )
@@ -65,9 +65,9 @@ def pull_series(
     An entry is a SeriesInstanceUID of the study, else a SeriesDescription that exactly one of
     its series has. The entry at index i lands in ``target/i``; an entry naming a series that
     an earlier entry named shares that entry's folder. ``timeout`` bounds each network
-    operation. Raises InputNotFoundError (study or series UID not on the node), RequestError
-    (a description with no or several matches, listing the study's series) and UpstreamError
-    (the node is unreachable or fails).
+    operation. Raises InputNotFoundError (404: study or series UID not on the node),
+    RequestError (400: a description with no or several matches, listing the study's series)
+    and NodeError (an UpstreamError, 502: the node is unreachable or fails).
     """
     listed = list_series(node, study_uid, timeout=timeout)
     folders: dict[str, Path] = {}
@@ -137,16 +137,11 @@ def _retrieve(
 def _file_name(node: DicomNode, sop_instance_uid: str) -> str:
     """``<SOPInstanceUID>.dcm``, refusing a UID that is not one (it names a file of ours)."""
     if not UID.match(sop_instance_uid) or len(sop_instance_uid) > 64:
-        raise UpstreamError(
-            f"DICOM node {node.name!r} sent an instance whose SOPInstanceUID "
-            f"{sop_instance_uid[:80]!r} is not a UID"
+        raise NodeError(
+            node.name,
+            f"sent an instance whose SOPInstanceUID {sop_instance_uid[:80]!r} is not a UID",
         )
     return f"{sop_instance_uid}.dcm"
-
-
-def _upstream(node: DicomNode, reason: str) -> UpstreamError:
-    logger.warning("DICOM node %s failed: %s", node.name, reason)
-    return UpstreamError(f"DICOM node {node.name!r}: {reason}")
 
 
 # DICOMweb: QIDO-RS and WADO-RS
@@ -162,9 +157,9 @@ def _qido_series(node: DicomWebNode, study_uid: str, timeout: float) -> list[Dat
     except requests.HTTPError as error:
         if error.response is not None and error.response.status_code == 404:
             return []
-        raise _upstream(node, http_reason(error, timeout)) from None
+        raise NodeError(node.name, http_reason(error, timeout)) from None
     except requests.RequestException as error:
-        raise _upstream(node, http_reason(error, timeout)) from None
+        raise NodeError(node.name, http_reason(error, timeout)) from None
     return [Dataset.from_json(item) for item in found]
 
 
@@ -183,15 +178,15 @@ def _wado_series(
             raise InputNotFoundError(
                 f"series {series_uid} of study {study_uid} is not on DICOM node {node.name!r}"
             ) from None
-        raise _upstream(
-            node, f"WADO-RS of series {series_uid}: {http_reason(error, timeout)}"
+        raise NodeError(
+            node.name, f"WADO-RS of series {series_uid}: {http_reason(error, timeout)}"
         ) from None
     except requests.RequestException as error:
-        raise _upstream(
-            node, f"WADO-RS of series {series_uid}: {http_reason(error, timeout)}"
+        raise NodeError(
+            node.name, f"WADO-RS of series {series_uid}: {http_reason(error, timeout)}"
         ) from None
     if not count:
-        raise _upstream(node, f"WADO-RS of series {series_uid} returned no instance")
+        raise NodeError(node.name, f"WADO-RS of series {series_uid} returned no instance")
     return count
 
 
@@ -208,24 +203,22 @@ def _query(level: str, **keys: str) -> Dataset:
 
 
 def _check_status(node: DimseNode, what: str, status: Dataset, *also: int) -> int:
-    """The status value of a response; UpstreamError for none (timeout, abort) or a failure.
+    """The status value of a response; NodeError for none (timeout, abort) or a failure.
 
     Success and pending are fine, and so are the values in ``also``.
     """
     if "Status" not in status:
-        raise _upstream(node, f"{what}: no response (timed out or aborted)")
+        raise NodeError(node.name, f"{what}: no response (timed out or aborted)")
     value = int(status.Status)
     if value not in (0x0000, *PENDING, *also):
         comment = status.get("ErrorComment", "")
-        raise _upstream(node, f"{what}: status 0x{value:04X} {comment}".rstrip())
+        raise NodeError(node.name, f"{what}: status 0x{value:04X} {comment}".rstrip())
     return value
 
 
 def _c_find(node: DimseNode, query: Dataset, timeout: float) -> list[Dataset]:
     """Every identifier that a Study Root C-FIND returns."""
     association = associate(node, [build_context(FIND_MODEL)], timeout)
-    if not association.is_established:
-        raise _upstream(node, association_reason(association, node))
     found = []
     try:
         for status, identifier in association.send_c_find(query, FIND_MODEL):
@@ -267,8 +260,6 @@ def _c_get_series(
         ext_neg=[build_role(context.abstract_syntax, scp_role=True) for context in storage],
         evt_handlers=[(evt.EVT_C_STORE, _store_instance, [node, folder])],
     )
-    if not association.is_established:
-        raise _upstream(node, association_reason(association, node))
     what = f"C-GET of series {series_uid}"
     query = _query("SERIES", StudyInstanceUID=study_uid, SeriesInstanceUID=series_uid)
     final = Dataset()
@@ -281,7 +272,7 @@ def _c_get_series(
     failed = int(final.get("NumberOfFailedSuboperations") or 0)
     written = len(list(folder.glob("*.dcm")))
     if failed or not written:
-        raise _upstream(node, f"{what}: {written} instances received, {failed} failed")
+        raise NodeError(node.name, f"{what}: {written} instances received, {failed} failed")
     return written
 
 
@@ -289,8 +280,7 @@ def _store_instance(event: Event, node: DimseNode, folder: Path) -> int:
     """C-STORE sub-operation of our C-GET: write the instance as it came; 0xC000 to refuse."""
     try:
         name = _file_name(node, str(event.request.AffectedSOPInstanceUID))
-    except UpstreamError as error:
-        logger.warning("%s", error)
+    except NodeError:
         return 0xC000
     (folder / name).write_bytes(event.encoded_dataset())
     return 0x0000

@@ -21,8 +21,8 @@ from pynetdicom.association import Association
 
 from .connect import (
     DEFAULT_TIMEOUT_S,
+    NodeError,
     associate,
-    association_reason,
     dicomweb_client,
     http_reason,
 )
@@ -148,10 +148,10 @@ def _contexts(outgoing: list[_Outgoing]) -> list:
 
 def _c_store(node: DimseNode, outgoing: list[_Outgoing], timeout: float) -> list[PushResult]:
     """C-STORE each file over one association; once it is gone, the rest fail without a try."""
-    association = associate(node, _contexts(outgoing), timeout)
-    if not association.is_established:
-        reason = association_reason(association, node)
-        return [_result(node, item, False, reason) for item in outgoing]
+    try:
+        association = associate(node, _contexts(outgoing), timeout)
+    except NodeError as error:
+        return [_result(node, item, False, error.reason) for item in outgoing]
     try:
         return [_c_store_one(node, association, item) for item in outgoing]
     finally:
