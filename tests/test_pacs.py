@@ -193,7 +193,7 @@ class Pacs:
 
 
 @pytest.fixture(scope="module")
-def pacs(tmp_path_factory: pytest.TempPathFactory):
+def pacs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pacs]:
     with orthanc(tmp_path_factory.mktemp("orthanc")) as server:
         server.upload([*CT.glob("*.dcm"), *T2.glob("*.dcm"), *ADC.glob("*.dcm")])
         server.upload(renumbered_copy(T2))
@@ -206,6 +206,7 @@ def ct() -> DicomSource:
 
 
 def uid_of_file(path: Path, keyword: str) -> str:
+    """A UID attribute of one DICOM file."""
     return str(pydicom.dcmread(path, stop_before_pixels=True)[keyword].value)
 
 
@@ -261,13 +262,16 @@ def ct_mask(source: DicomSource) -> np.ndarray:
     return mask
 
 
-def write_outputs(source: DicomSource, mask: np.ndarray, folder: Path) -> tuple[Path, Path]:
-    """A BINARY SEG and an RT Struct of ``mask``, as the pipeline writes them."""
-    metadata = SegmentationMetadata.from_inline(
+def organ_metadata() -> SegmentationMetadata:
+    return SegmentationMetadata.from_inline(
         {"algorithm_name": "nnU-Net organ", "segment_names": NAMES}
     )
+
+
+def write_outputs(source: DicomSource, mask: np.ndarray, folder: Path) -> tuple[Path, Path]:
+    """A BINARY SEG and an RT Struct of ``mask``, as the pipeline writes them."""
     seg, struct = folder / "prediction.dcm", folder / "struct.dcm"
-    assert write_label_segmentation(mask, source, metadata, IDENTITY, seg)
+    assert write_label_segmentation(mask, source, organ_metadata(), IDENTITY, seg)
     assert write_rtstruct(mask, source, NAMES, IDENTITY, struct)
     return seg, struct
 
@@ -309,6 +313,22 @@ def test_push_seg_over_stow_and_rtstruct_over_c_store(
     assert dice(masks["spleen"], mask == 2) > 0.9
     assert dciodvfy_errors(seg_file) == []
     assert dciodvfy_errors(struct_file) == []
+
+
+@pytest.mark.slow
+def test_c_store_refusal_fails_that_file_only(pacs: Pacs, ct: DicomSource, tmp_path: Path) -> None:
+    """Orthanc 1.10 (DCMTK 3.6.7) does not know Label Map Segmentation Storage over DIMSE."""
+    labelmap = tmp_path / "labelmap.dcm"
+    write_label_segmentation(
+        ct_mask(ct), ct, organ_metadata(), IDENTITY, labelmap, segmentation_type="labelmap"
+    )
+    seg, _ = write_outputs(ct, ct_mask(ct), tmp_path)
+    refused, stored = push_files(pacs.dimse, [labelmap, seg], timeout=TIMEOUT_S)
+    assert refused.status == "failed"
+    label_map_seg, explicit_little_endian = "1.2.840.10008.5.1.4.1.1.66.7", "1.2.840.10008.1.2.1"
+    assert f"no presentation context for SOP class {label_map_seg}" in refused.reason
+    assert f"in transfer syntax {explicit_little_endian}" in refused.reason
+    assert (stored.status, stored.reason) == ("stored", None)
 
 
 @pytest.mark.slow
@@ -397,9 +417,9 @@ def test_orthanc_stopped_mid_push(ct: DicomSource, tmp_path: Path, kind: str) ->
     files = seg_copies(seg, tmp_path / "copies", 200)
     with orthanc(tmp_path / "orthanc") as server:
         node = Pacs(server).node(kind)
-        killer = threading.Thread(target=stop_after_first_instance, args=(server,))
+        killer = threading.Thread(target=stop_after_two_instances, args=(server,))
         killer.start()
-        results = push_files(node, files, timeout=TIMEOUT_S)
+        results = push_files(node, files, timeout=3)  # pynetdicom may wait this long (a race)
         killer.join()
     statuses = [result.status for result in results]
     assert "stored" in statuses and "failed" in statuses
@@ -408,8 +428,9 @@ def test_orthanc_stopped_mid_push(ct: DicomSource, tmp_path: Path, kind: str) ->
     assert all(path.is_file() for path in files)
 
 
-def stop_after_first_instance(server: Orthanc) -> None:
+def stop_after_two_instances(server: Orthanc) -> None:
+    """Kill Orthanc once it holds two instances: the first one's answer has reached us."""
     deadline = time.monotonic() + 30
-    while server.instance_count() == 0 and time.monotonic() < deadline:
+    while server.instance_count() < 2 and time.monotonic() < deadline:
         time.sleep(0.005)
     server.stop()

@@ -1,4 +1,5 @@
-"""The in-process runner: trainer variants, the warm predictor cache, job checks."""
+"""The in-process runner: trainer variants, the warm predictor cache, job checks, the
+network step."""
 
 import subprocess
 import sys
@@ -10,7 +11,7 @@ from nnunet_bento.errors import RequestError
 from nnunet_bento.io.images import image_file_in, read_image, to_nnunet_input
 from nnunet_bento.runners.device import DeviceSelector
 from nnunet_bento.runners.nnunet_runner import RunnerModel, RunnerSet
-from nnunet_bento.runners.protocol import PredictionJob
+from nnunet_bento.runners.protocol import NetworkJob, PredictionJob
 from nnunet_bento.runners.trainer_lookup import find_trainer_class
 
 
@@ -81,3 +82,11 @@ def test_a_missing_fold_names_what_is_available(demo_model_dirs, t2_input):
 def test_a_wrong_channel_count_is_refused(demo_model_dirs, t2_input):
     with pytest.raises(RequestError, match=r"takes 2 channel\(s\) \(T2, ADC\); got 1"):
         runner_set(demo_model_dirs).predict(job("lesion", t2_input))
+
+
+def test_the_network_step_returns_logits_in_nnunets_dtype(demo_model_dirs, t2_input):
+    data = np.random.default_rng(0).normal(size=(1, 24, 48, 48)).astype(np.float32)
+    network_job = NetworkJob("organ", (0,), "checkpoint_final.pth", False, data)
+    result = runner_set(demo_model_dirs).run_network(network_job)
+    assert result.logits.dtype == np.float16 and result.logits.shape == (3, 24, 48, 48)
+    assert result.device == "cpu" and result.seconds > 0

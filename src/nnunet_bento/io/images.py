@@ -64,6 +64,7 @@ def check_image_header(path: Path, dimensions: tuple[int, ...], max_voxels: int 
     try:
         reader.ReadImageInformation()
     except RuntimeError as error:
+        check_compressed_stream(path)
         raise RequestError(f"cannot read image {path}: {_last_line(error)}") from None
     size = reader.GetSize()
     if reader.GetNumberOfComponents() != 1:

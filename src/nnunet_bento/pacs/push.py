@@ -30,6 +30,8 @@ from .nodes import DicomNode, DicomWebNode, DimseNode
 
 logger = logging.getLogger("nnunet_bento")
 STORE_WARNINGS = (0x0001, 0xB000, 0xB006, 0xB007)
+UNCOMPRESSED = [ExplicitVRLittleEndian, ImplicitVRLittleEndian]
+NO_RESPONSE = "no C-STORE response (timed out, or the connection was lost)"
 
 
 @dataclass(frozen=True)
@@ -136,14 +138,12 @@ def _stow_result(node: DicomWebNode, item: _Outgoing, response: Dataset) -> Push
 
 
 def _contexts(outgoing: list[_Outgoing]) -> list:
-    """One context per SOP class and transfer syntax; uncompressed data may be converted."""
-    wanted: dict[UID, list[UID]] = {}
-    for item in outgoing:
-        syntaxes = [item.transfer_syntax_uid]
-        if not item.transfer_syntax_uid.is_compressed:
-            syntaxes += [ExplicitVRLittleEndian, ImplicitVRLittleEndian]
-        wanted.setdefault(item.sop_class_uid, []).extend(syntaxes)
-    return [build_context(uid, list(dict.fromkeys(syntaxes))) for uid, syntaxes in wanted.items()]
+    """A context per SOP class and transfer syntax; uncompressed files may also be converted."""
+    wanted = {(item.sop_class_uid, item.transfer_syntax_uid) for item in outgoing}
+    return [
+        build_context(sop_class, [syntax, *([] if syntax.is_compressed else UNCOMPRESSED)])
+        for sop_class, syntax in sorted(wanted)
+    ]
 
 
 def _c_store(node: DimseNode, outgoing: list[_Outgoing], timeout: float) -> list[PushResult]:
@@ -152,17 +152,19 @@ def _c_store(node: DimseNode, outgoing: list[_Outgoing], timeout: float) -> list
         association = associate(node, _contexts(outgoing), timeout)
     except NodeError as error:
         return [_result(node, item, False, error.reason) for item in outgoing]
-    try:
-        return [_c_store_one(node, association, item) for item in outgoing]
-    finally:
-        if association.is_established:
-            association.release()
+    results: list[PushResult] = []
+    for item in outgoing:
+        if (results and results[-1].reason == NO_RESPONSE) or not association.is_established:
+            results.append(_result(node, item, False, "the association ended before this file"))
+        else:
+            results.append(_c_store_one(node, association, item))
+    if association.is_established:
+        association.abort() if results[-1].reason == NO_RESPONSE else association.release()
+    return results
 
 
 def _c_store_one(node: DimseNode, association: Association, item: _Outgoing) -> PushResult:
     """One C-STORE and its status."""
-    if not association.is_established:
-        return _result(node, item, False, "association ended before this file")
     try:
         status = association.send_c_store(item.path)
     except ValueError:
@@ -174,7 +176,7 @@ def _c_store_one(node: DimseNode, association: Association, item: _Outgoing) -> 
     except (RuntimeError, OSError) as error:
         return _result(node, item, False, f"C-STORE failed: {type(error).__name__}")
     if "Status" not in status:
-        return _result(node, item, False, "no C-STORE response (timed out or aborted)")
+        return _result(node, item, False, NO_RESPONSE)
     value = int(status.Status)
     comment = str(status.get("ErrorComment", "")).strip()
     reason = f"C-STORE status 0x{value:04X} {comment}".rstrip()

@@ -1,6 +1,6 @@
-"""Warm nnUNetPredictor instances per (model, folds, checkpoint, mirroring, device)."""
+"""Warm nnUNetPredictor instances per (model, folds, checkpoint, mirroring, device), and
+the network step they run: the sliding window over preprocessed data."""
 
-import copy
 import logging
 import time
 from collections import OrderedDict
@@ -10,10 +10,18 @@ from unittest import mock
 
 import numpy as np
 
-from ..catalog.model_folder import ModelDescription, describe_model_folder
-from ..errors import NnunetBentoError, RequestError
+from ..errors import NnunetBentoError
 from .device import DeviceSelector
-from .protocol import PredictionJob, PredictionResult, RunnerFailure
+from .protocol import (
+    NetworkJob,
+    NetworkResult,
+    NotShared,
+    PredictionJob,
+    PredictionResult,
+    RunnerFailure,
+)
+from .shared_arrays import SharedArrayMissing, SharedArrayRef, attach
+from .split import SplitPredictor
 from .trainer_lookup import find_trainer_class
 
 logger = logging.getLogger(__name__)
@@ -54,40 +62,39 @@ def load_predictor(
     return predictor
 
 
+def received(data: np.ndarray | SharedArrayRef) -> np.ndarray:
+    """The job's preprocessed array: inline, or mapped from its shared memory segment."""
+    return data if isinstance(data, np.ndarray) else attach(data)
+
+
+def delivered(logits: np.ndarray, out: SharedArrayRef | None) -> np.ndarray | None:
+    """None once ``logits`` are written to ``out``; the logits themselves when they must
+    travel inline (no segment, or one of another shape or dtype)."""
+    if out is None or (tuple(out.shape), out.dtype) != (logits.shape, logits.dtype.str):
+        return logits
+    np.copyto(attach(out, "r+"), logits)
+    return None
+
+
 class RunnerSet:
-    """All models of a server, each run by a warm nnUNetPredictor from a bounded LRU cache."""
+    """All models of a server, each run by a warm nnUNetPredictor from a bounded LRU cache.
+
+    ``run_network`` is the GPU step; ``predict`` (the in-process Predictor) adds nnU-Net's
+    preprocessing and export around it, in this process.
+    """
 
     def __init__(self, models: dict[str, RunnerModel], selector: DeviceSelector, cache_size: int):
         self.models = models
         self.selector = selector
         self.cache_size = cache_size
-        self._descriptions: dict[str, ModelDescription] = {
-            model_id: describe_model_folder(model.folder) for model_id, model in models.items()
-        }
         self._predictors: OrderedDict[PredictorKey, object] = OrderedDict()
+        self._split = SplitPredictor(
+            {model_id: model.folder for model_id, model in models.items()},
+            self.run_network,
+            shared=False,
+        )
 
-    def _check_job(self, job: PredictionJob) -> None:
-        if job.model_id not in self.models:
-            raise RequestError(f"model {job.model_id!r} is not served by this runner")
-        description = self._descriptions[job.model_id]
-        for fold in job.folds:
-            if job.checkpoint_name not in description.checkpoints.get(str(fold), []):
-                available = ", ".join(
-                    f"fold_{f}/{name}"
-                    for f, names in description.checkpoints.items()
-                    for name in names
-                )
-                raise RequestError(
-                    f"model {job.model_id!r} has no fold_{fold}/{job.checkpoint_name}; "
-                    f"available: {available}"
-                )
-        if job.image.shape[0] != description.num_channels:
-            raise RequestError(
-                f"model {job.model_id!r} takes {description.num_channels} channel(s) "
-                f"({', '.join(description.channel_names.values())}); got {job.image.shape[0]}"
-            )
-
-    def predictor(self, job: PredictionJob, device: str):
+    def predictor(self, job: PredictionJob | NetworkJob, device: str):
         """The warm predictor for a job, loading it (and evicting the oldest) when absent."""
         key: PredictorKey = (job.model_id, tuple(job.folds), job.checkpoint_name, job.tta, device)
         if key in self._predictors:
@@ -106,32 +113,28 @@ class RunnerSet:
         return list(self._predictors)
 
     def predict(self, job: PredictionJob) -> PredictionResult:
-        """Run nnU-Net on one image stack; the result is in the input's grid."""
-        self._check_job(job)
+        """Run nnU-Net on one image stack in this process; the result is in the input's grid."""
+        return self._split.predict(job)
+
+    def run_network(self, job: NetworkJob) -> NetworkResult:
+        """The sliding window of the job's folds over its preprocessed array, as
+        predict_logits_from_preprocessed_data runs it."""
+        import torch
+
+        data = torch.from_numpy(received(job.data))
         device = self.selector.acquire(self.models[job.model_id].min_mem_mib)
         predictor = self.predictor(job, device)
         started = time.perf_counter()
-        image = job.image.astype(np.float32, copy=False)
-        properties = copy.deepcopy(job.properties)
-        want_probabilities = job.probability_labels is not None
-        output = predictor.predict_single_npy_array(
-            image, properties, None, None, want_probabilities
-        )
-        if want_probabilities:
-            segmentation, probabilities = output
-            probabilities = probabilities[list(job.probability_labels)].astype(np.float16)
-        else:
-            segmentation, probabilities = output, None
-        return PredictionResult(
-            segmentation=np.asarray(segmentation),
-            probabilities=probabilities,
-            device=device,
-            seconds=time.perf_counter() - started,
-        )
+        logits = predictor.predict_logits_from_preprocessed_data(data).cpu().numpy()
+        seconds = time.perf_counter() - started
+        del data
+        return NetworkResult(delivered(logits, job.logits_out), device, seconds)
 
-    def predict_or_failure(self, job: PredictionJob) -> PredictionResult | RunnerFailure:
-        """predict(), with our errors returned as data so that they can cross processes."""
+    def run_network_or_failure(self, job: NetworkJob) -> NetworkResult | RunnerFailure | NotShared:
+        """run_network(), with our errors returned as data so that they can cross processes."""
         try:
-            return self.predict(job)
+            return self.run_network(job)
+        except SharedArrayMissing as error:
+            return NotShared(str(error))
         except NnunetBentoError as error:
             return RunnerFailure(int(error.status_code), str(error))

@@ -1,17 +1,34 @@
-"""The GPU service: ModelRunner keeps warm nnU-Net predictors and runs prediction jobs; the
-API service reaches it through RemotePredictor."""
+"""The GPU service: ModelRunner keeps warm nnU-Net predictors and runs the network step of
+prediction jobs; the API service reaches it through RemotePredictor, which preprocesses
+and exports in the API's own worker threads."""
 
+import logging
 import re
+from dataclasses import replace
 from typing import Any
 
 import bentoml
+import numpy as np
 
 from ..catalog.registry import Registry
 from ..errors import error_for_status
 from ..runners.device import DeviceSelector
 from ..runners.nnunet_runner import RunnerModel, RunnerSet
-from ..runners.protocol import PredictionJob, PredictionResult, RunnerFailure, from_wire, to_wire
+from ..runners.protocol import (
+    NetworkJob,
+    NetworkResult,
+    NotShared,
+    PredictionJob,
+    PredictionResult,
+    RunnerFailure,
+    from_wire,
+    to_wire,
+)
+from ..runners.shared_arrays import attach, shared_memory_available
+from ..runners.split import SplitPredictor
 from ..settings import ServeSettings, load_settings
+
+logger = logging.getLogger(__name__)
 
 
 def bento_model_attributes(registry: Registry) -> dict[str, bentoml.models.BentoModel]:
@@ -33,7 +50,8 @@ def runner_config(settings: ServeSettings) -> dict[str, Any]:
 
 
 class ModelRunnerBase:
-    """Holds a warm runner per model; one worker, so GPU work runs one job at a time."""
+    """Holds a warm predictor per model; one worker and one thread, so network steps run
+    one at a time."""
 
     registry: Registry
 
@@ -50,9 +68,9 @@ class ModelRunnerBase:
         )
 
     @bentoml.api
-    def predict(self, job: dict[str, Any]) -> dict[str, Any]:
-        """Run one PredictionJob (as to_wire made it); returns a result or a failure."""
-        return to_wire(self.runners.predict_or_failure(from_wire(job)))
+    def run_network(self, job: dict[str, Any]) -> dict[str, Any]:
+        """Run one NetworkJob (as to_wire made it); returns a result or a failure."""
+        return to_wire(self.runners.run_network_or_failure(from_wire(job)))
 
     @bentoml.api
     def device_info(self) -> dict[str, Any]:
@@ -60,13 +78,35 @@ class ModelRunnerBase:
 
 
 class RemotePredictor:
-    """The pipeline's Predictor backed by the ModelRunner service."""
+    """The pipeline's Predictor: preprocessing and export here, the network step in the
+    ModelRunner; arrays through shared memory until the runner cannot open it."""
 
-    def __init__(self, runner: Any) -> None:
+    def __init__(self, runner: Any, registry: Registry) -> None:
         self.runner = runner
+        self.split = SplitPredictor(
+            {model.id: model.folder for model in registry.models.values()},
+            self.run_network,
+            shared=shared_memory_available(),
+        )
 
     def predict(self, job: PredictionJob) -> PredictionResult:
-        outcome = from_wire(self.runner.predict(job=to_wire(job)))
+        return self.split.predict(job)
+
+    def run_network(self, job: NetworkJob) -> NetworkResult:
+        """The network step in the ModelRunner; arrays inline from now on when it cannot
+        open shared memory (it runs on another host)."""
+        outcome = self._call(job)
+        if isinstance(outcome, NotShared):
+            logger.warning(
+                "the ModelRunner cannot open this host's shared memory (%s): arrays cross the "
+                "socket from now on",
+                outcome.message,
+            )
+            self.split.shared = False
+            outcome = self._call(replace(job, data=np.array(attach(job.data)), logits_out=None))
         if isinstance(outcome, RunnerFailure):
             raise error_for_status(outcome.status_code, outcome.message)
         return outcome
+
+    def _call(self, job: NetworkJob) -> NetworkResult | RunnerFailure | NotShared:
+        return from_wire(self.runner.run_network(job=to_wire(job)))

@@ -8,6 +8,7 @@ import logging
 import sys
 from typing import Any
 
+import aiohttp
 import anyio
 import bentoml
 import httpx
@@ -81,9 +82,9 @@ def warn_about_open_doors(settings: ServeSettings) -> None:
 
 def is_runner_unavailable(error: Exception) -> bool:
     """Whether ``error`` is the BentoML client failing to reach the ModelRunner."""
-    return isinstance(error, httpx.TransportError | BentoMLException) and not isinstance(
-        error, NnunetBentoError
-    )
+    return isinstance(
+        error, httpx.TransportError | aiohttp.ClientError | BentoMLException
+    ) and not isinstance(error, NnunetBentoError)
 
 
 class SegmentationServiceBase:
@@ -98,7 +99,7 @@ class SegmentationServiceBase:
         warn_about_open_doors(self.settings)
         self.pipeline = SegmentationPipeline(
             self.registry,
-            RemotePredictor(self.runner),
+            RemotePredictor(self.runner, self.registry),
             roots=path_roots(self.settings),
             settings=self.settings,
         )

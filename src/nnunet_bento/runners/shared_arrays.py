@@ -1,0 +1,74 @@
+"""Arrays handed between processes of one host through POSIX shared memory, by name.
+
+The owner creates a segment (registered with multiprocessing's resource tracker, which
+removes it should the owner die) and unlinks it when the exchange is over, error or not.
+The other process maps it by its path under /dev/shm; a name it cannot open means that it
+runs on another host, and the arrays must travel inline.
+"""
+
+import secrets
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from multiprocessing.shared_memory import SharedMemory
+from pathlib import Path
+
+import numpy as np
+
+SHM_DIR = Path("/dev/shm")
+PREFIX = "nnunet_bento_"
+
+
+class SharedArrayMissing(Exception):
+    """A named segment is not on this host."""
+
+
+@dataclass(frozen=True)
+class SharedArrayRef:
+    """What crosses instead of the array: the segment's name, the shape and the dtype."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+
+    @property
+    def path(self) -> Path:
+        return SHM_DIR / self.name
+
+
+def shared_memory_available() -> bool:
+    """Whether this host maps POSIX shared memory as files (Linux)."""
+    return SHM_DIR.is_dir()
+
+
+@contextmanager
+def shared_empty(shape: tuple[int, ...], dtype: np.dtype | str) -> Iterator[SharedArrayRef]:
+    """A zero-filled segment for an array of ``shape`` and ``dtype``, unlinked on exit."""
+    dtype = np.dtype(dtype)
+    size = max(int(np.prod(shape)) * dtype.itemsize, 1)
+    segment = SharedMemory(f"{PREFIX}{secrets.token_hex(8)}", create=True, size=size)
+    segment.close()
+    try:
+        yield SharedArrayRef(segment.name, tuple(int(n) for n in shape), dtype.str)
+    finally:
+        segment.unlink()
+
+
+@contextmanager
+def shared_copy(array: np.ndarray) -> Iterator[SharedArrayRef]:
+    """A segment holding a copy of ``array``, unlinked on exit; the caller may drop its own."""
+    with shared_empty(array.shape, array.dtype) as ref:
+        np.copyto(attach(ref, "r+"), array)
+        del array
+        yield ref
+
+
+def attach(ref: SharedArrayRef, mode: str = "c") -> np.ndarray:
+    """The array in a segment, mapped without a copy: ``c`` copy-on-write, ``r+`` to write.
+
+    The mapping lives as long as the array (and views of it); unlinking does not end it.
+    """
+    try:
+        return np.memmap(ref.path, dtype=np.dtype(ref.dtype), mode=mode, shape=ref.shape)
+    except FileNotFoundError:
+        raise SharedArrayMissing(f"no shared memory segment {ref.name} on this host") from None

@@ -1,0 +1,99 @@
+"""The Predictor that runs nnU-Net's CPU steps here and hands the network step on.
+
+predict_single_npy_array in three parts: preprocessing here, the sliding window by
+``network`` (in this process, or in the ModelRunner), the export here. With ``shared``,
+the preprocessed array goes out and the logits come back through shared memory segments
+that this side creates and always unlinks.
+"""
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..catalog.model_folder import ModelDescription, describe_model_folder
+from ..errors import RequestError
+from .export import export_logits
+from .plans import ModelPlans, model_plans
+from .preprocess import preprocess
+from .protocol import NetworkJob, NetworkResult, PredictionJob, PredictionResult
+from .shared_arrays import SharedArrayRef, attach, shared_copy, shared_empty
+
+NetworkCall = Callable[[NetworkJob], NetworkResult]
+LOGITS_DTYPE = np.float16  # what nnU-Net's sliding window accumulates and returns
+
+
+class SplitPredictor:
+    """Preprocess, hand the network step to ``network``, export; per job."""
+
+    def __init__(self, folders: dict[str, Path], network: NetworkCall, shared: bool) -> None:
+        self.folders = folders
+        self.network = network
+        self.shared = shared
+        self._descriptions: dict[str, ModelDescription] = {
+            model_id: describe_model_folder(folder) for model_id, folder in folders.items()
+        }
+        self._lock = threading.Lock()
+
+    def check(self, job: PredictionJob) -> None:
+        """The model, its folds' checkpoints and the channel count, before any work."""
+        if job.model_id not in self.folders:
+            raise RequestError(f"model {job.model_id!r} is not served by this runner")
+        description = self._descriptions[job.model_id]
+        description.check_checkpoints(job.model_id, job.folds, job.checkpoint_name)
+        if job.image.shape[0] != description.num_channels:
+            raise RequestError(
+                f"model {job.model_id!r} takes {description.num_channels} channel(s) "
+                f"({', '.join(description.channel_names.values())}); got {job.image.shape[0]}"
+            )
+
+    def plans(self, job: PredictionJob) -> ModelPlans:
+        with self._lock:
+            return model_plans(self.folders[job.model_id], job.folds[0], job.checkpoint_name)
+
+    def predict(self, job: PredictionJob) -> PredictionResult:
+        """nnU-Net's segmentation (and kept probabilities) of one image stack."""
+        started = time.perf_counter()
+        self.check(job)
+        plans = self.plans(job)
+        with ExitStack() as buffers:
+            result, properties, logits_out = self._run_network(job, plans, buffers)
+            logits = result.logits if result.logits is not None else attach(logits_out)
+            segmentation, probabilities = export_logits(
+                plans, logits, properties, job.probability_labels
+            )
+        return PredictionResult(
+            segmentation, probabilities, result.device, time.perf_counter() - started
+        )
+
+    def _run_network(
+        self, job: PredictionJob, plans: ModelPlans, buffers: ExitStack
+    ) -> tuple[NetworkResult, dict[str, Any], SharedArrayRef | None]:
+        """Preprocess and run the network; the preprocessed array is gone on return."""
+        data, properties = preprocess(plans, job.image, job.properties)
+        logits_shape = (plans.label_manager.num_segmentation_heads, *data.shape[1:])
+        logits_out = (
+            buffers.enter_context(shared_empty(logits_shape, LOGITS_DTYPE)) if self.shared else None
+        )
+        with self._outgoing(data) as payload:
+            del data
+            result = self.network(
+                NetworkJob(
+                    job.model_id, job.folds, job.checkpoint_name, job.tta, payload, logits_out
+                )
+            )
+        return result, properties, logits_out
+
+    @contextmanager
+    def _outgoing(self, data: np.ndarray) -> Iterator[np.ndarray | SharedArrayRef]:
+        """The array itself, or (shared) a segment holding it for the length of the call."""
+        if not self.shared:
+            yield data
+            return
+        with shared_copy(data) as ref:
+            del data
+            yield ref

@@ -1,0 +1,209 @@
+"""The split prediction (preprocess here, network in the runner, export here) equals
+nnUNetPredictor, and its shared memory segments never outlive a job."""
+
+import os
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from nnunet_bento.errors import DeviceUnavailableError
+from nnunet_bento.io.images import image_file_in, read_image, to_nnunet_input
+from nnunet_bento.runners.device import DeviceSelector
+from nnunet_bento.runners.nnunet_runner import RunnerModel, RunnerSet, delivered, load_predictor
+from nnunet_bento.runners.protocol import (
+    NetworkJob,
+    NetworkResult,
+    NotShared,
+    PredictionJob,
+    RunnerFailure,
+    from_wire,
+    to_wire,
+)
+from nnunet_bento.runners.shared_arrays import (
+    PREFIX,
+    SHM_DIR,
+    SharedArrayRef,
+    attach,
+    shared_copy,
+    shared_empty,
+)
+from nnunet_bento.runners.split import SplitPredictor
+
+CASES = {
+    "organ": (("T2",), (0, 1), (1, 2)),
+    "organ2d": (("T2",), (0,), (1, 2)),
+    "lesion": (("T2", "ADC"), (0,), (1,)),
+    "organ_nomirror": (("T2",), (0,), (1, 2)),
+}
+
+
+@pytest.fixture(scope="module")
+def inputs(demo_study):
+    """The demo series as the pipeline reads them; ADC lands on T2's grid."""
+    return {series: read_image(image_file_in(demo_study / series)) for series in ("T2", "ADC")}
+
+
+@pytest.fixture(scope="module")
+def runners(demo_model_dirs) -> RunnerSet:
+    models = {name: RunnerModel(folder) for name, folder in demo_model_dirs.items()}
+    return RunnerSet(models, DeviceSelector(None, wait_s=0), cache_size=8)
+
+
+@pytest.fixture
+def no_leaked_segments():
+    """Fails the test when it leaves one of our shared memory segments behind."""
+    before = set(os.listdir(SHM_DIR))
+    yield
+    leaked = {name for name in set(os.listdir(SHM_DIR)) - before if name.startswith(PREFIX)}
+    assert leaked == set()
+
+
+def prediction_job(model, inputs, folds, tta, series, labels=(1, 2)) -> PredictionJob:
+    stack = to_nnunet_input([inputs[name] for name in series])
+    return PredictionJob(
+        model, stack.array, stack.properties, folds, "checkpoint_final.pth", tta, labels
+    )
+
+
+def reference(folder, job: PredictionJob) -> tuple[np.ndarray, np.ndarray]:
+    """nnUNetPredictor.predict_single_npy_array on the same stack, with probabilities."""
+    predictor = load_predictor(folder, job.folds, job.checkpoint_name, job.tta, "cpu")
+    return predictor.predict_single_npy_array(
+        job.image.astype(np.float32), dict(job.properties), None, None, True
+    )
+
+
+@pytest.mark.parametrize("model", list(CASES))
+def test_split_prediction_equals_predict_single_npy_array(
+    model, inputs, runners, demo_model_dirs, no_leaked_segments
+):
+    series, folds, labels = CASES[model]
+    job = prediction_job(model, inputs, folds, True, series, labels)
+    segmentation, probabilities = reference(demo_model_dirs[model], job)
+    shared = SplitPredictor(
+        {model: demo_model_dirs[model]}, runners.run_network, shared=True
+    ).predict(job)
+    in_process = runners.predict(job)
+    for result in (shared, in_process):
+        np.testing.assert_array_equal(result.segmentation, segmentation)
+        assert result.probabilities.dtype == np.float16
+        np.testing.assert_allclose(result.probabilities, probabilities[1:], atol=1e-3)
+    assert segmentation.any()
+
+
+def test_split_prediction_equals_predict_from_files(runners, demo_model_dirs, demo_study, tmp_path):
+    folder = demo_model_dirs["organ"]
+    predictor = load_predictor(folder, (0, 1), "checkpoint_final.pth", True, "cpu")
+    predictor.predict_from_files_sequential(
+        [[str(demo_study / "T2" / "T2.nii.gz")]], [str(tmp_path / "case")], save_probabilities=True
+    )
+    labels = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "case.nii.gz")))
+    stack = to_nnunet_input([read_image(demo_study / "T2" / "T2.nii.gz")])
+    job = PredictionJob(
+        "organ", stack.array, stack.properties, (0, 1), "checkpoint_final.pth", True, (2,)
+    )
+    result = runners.predict(job)
+    np.testing.assert_array_equal(result.segmentation, labels)
+    probabilities = np.load(tmp_path / "case.npz")["probabilities"]
+    np.testing.assert_allclose(result.probabilities, probabilities[2:3], atol=1e-3)
+
+
+def test_only_the_kept_labels_probabilities_come_back(inputs, runners):
+    job = prediction_job("organ2d", inputs, (0,), False, ("T2",), labels=(2,))
+    result = runners.predict(job)
+    assert result.probabilities.shape == (1, *job.image.shape[1:])
+    assert runners.predict(replace(job, probability_labels=None)).probabilities is None
+
+
+class FakeRunnerService:
+    """The ModelRunner's run_network through the wire format, on this host or another."""
+
+    def __init__(self, runners: RunnerSet, other_host: bool = False) -> None:
+        self.runners = runners
+        self.other_host = other_host
+        self.jobs: list[NetworkJob] = []
+
+    def run_network(self, job: dict) -> dict:
+        network_job = from_wire(job)
+        self.jobs.append(network_job)
+        if self.other_host and isinstance(network_job.data, SharedArrayRef):
+            return to_wire(NotShared(f"no shared memory segment {network_job.data.name}"))
+        return to_wire(self.runners.run_network_or_failure(network_job))
+
+
+def remote_predictor(service: FakeRunnerService, demo_model_dirs):
+    from nnunet_bento.server.runner_service import RemotePredictor
+
+    registry = type("Registry", (), {})()
+    registry.models = {
+        name: type("Model", (), {"id": name, "folder": folder})()
+        for name, folder in demo_model_dirs.items()
+    }
+    return RemotePredictor(service, registry)
+
+
+def test_arrays_cross_as_shared_memory_on_one_host(
+    inputs, runners, demo_model_dirs, no_leaked_segments
+):
+    service = FakeRunnerService(runners)
+    job = prediction_job("organ2d", inputs, (0,), False, ("T2",))
+    result = remote_predictor(service, demo_model_dirs).predict(job)
+    (sent,) = service.jobs
+    assert isinstance(sent.data, SharedArrayRef) and isinstance(sent.logits_out, SharedArrayRef)
+    np.testing.assert_array_equal(result.segmentation, runners.predict(job).segmentation)
+
+
+def test_another_host_gets_the_arrays_inline_from_then_on(
+    inputs, runners, demo_model_dirs, no_leaked_segments
+):
+    service = FakeRunnerService(runners, other_host=True)
+    predictor = remote_predictor(service, demo_model_dirs)
+    job = prediction_job("organ2d", inputs, (0,), False, ("T2",))
+    first, second = predictor.predict(job), predictor.predict(job)
+    assert [type(sent.data) for sent in service.jobs] == [SharedArrayRef, np.ndarray, np.ndarray]
+    assert all(sent.logits_out is None for sent in service.jobs[1:])
+    expected = runners.predict(job)
+    for result in (first, second):
+        np.testing.assert_array_equal(result.segmentation, expected.segmentation)
+        np.testing.assert_array_equal(result.probabilities, expected.probabilities)
+
+
+def test_a_runner_failure_leaves_no_segment(inputs, runners, demo_model_dirs, no_leaked_segments):
+    def busy(job: dict) -> dict:
+        return to_wire(RunnerFailure(503, "no GPU had 4000 MiB free"))
+
+    service = FakeRunnerService(runners)
+    service.run_network = busy
+    job = prediction_job("organ2d", inputs, (0,), False, ("T2",))
+    with pytest.raises(DeviceUnavailableError, match="4000 MiB"):
+        remote_predictor(service, demo_model_dirs).predict(job)
+
+
+def test_an_exception_in_the_network_step_leaves_no_segment(
+    inputs, demo_model_dirs, no_leaked_segments
+):
+    def broken(job: NetworkJob) -> NetworkResult:
+        assert attach(job.data).shape[0] == 1
+        raise RuntimeError("CUDA out of memory")
+
+    split = SplitPredictor(demo_model_dirs, broken, shared=True)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        split.predict(prediction_job("organ2d", inputs, (0,), False, ("T2",)))
+
+
+def test_the_runner_says_when_a_segment_is_not_on_its_host(runners, no_leaked_segments):
+    with shared_copy(np.zeros((1, 4, 4, 4), np.float32)) as ref:
+        missing = replace(ref, name=f"{PREFIX}gone")
+    job = NetworkJob("organ", (0,), "checkpoint_final.pth", False, missing)
+    assert isinstance(runners.run_network_or_failure(job), NotShared)
+
+
+def test_logits_of_another_shape_or_dtype_travel_inline(no_leaked_segments):
+    logits = np.ones((3, 4, 4, 4), np.float16)
+    with shared_empty((3, 4, 4, 4), np.float16) as out:
+        assert delivered(logits, out) is None
+        np.testing.assert_array_equal(attach(out), logits)
+        assert delivered(logits.astype(np.float32), out) is not None
+    assert delivered(logits, None) is logits
