@@ -13,6 +13,7 @@ from nnunet_bento.server.services import (
     SegmentationServiceBase,
     build_get_routes,
     guard_options,
+    load_dicom_nodes_or_exit,
     load_registry_or_exit,
     segmentation_config,
 )
@@ -20,6 +21,7 @@ from nnunet_bento.settings import load_settings
 
 SETTINGS = load_settings()
 REGISTRY = load_registry_or_exit(SETTINGS)
+DICOM_NODES = load_dicom_nodes_or_exit(SETTINGS)
 GET_ROUTES = build_get_routes()
 
 ModelRunner = bentoml.service(**runner_config(SETTINGS))(
@@ -33,7 +35,12 @@ SegmentationService = bentoml.service(**segmentation_config(SETTINGS))(
     type(
         "SegmentationService",
         (SegmentationServiceBase,),
-        {"registry": REGISTRY, "get_routes": GET_ROUTES, "runner": bentoml.depends(ModelRunner)},
+        {
+            "registry": REGISTRY,
+            "dicom_nodes": DICOM_NODES,
+            "get_routes": GET_ROUTES,
+            "runner": bentoml.depends(ModelRunner),
+        },
     )
 )
 SegmentationService.mount_asgi_app(GET_ROUTES, path="/")

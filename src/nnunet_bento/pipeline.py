@@ -11,12 +11,14 @@ import SimpleITK as sitk
 
 from .cascade import check_stage_reference, predict_in_box, reference_mask, stage_reference
 from .catalog.registry import Registry
+from .dicom_exchange import DicomExchange
 from .errors import InputNotFoundError, NnunetBentoError, RequestError, TooLargeError
 from .export import API_LAYOUT, OutputLayout, export_preview, export_stage
 from .io.dicom_series import read_dicom_series
 from .io.images import NnunetInput, image_file_in, image_like, read_image, to_nnunet_input
 from .io.sandbox import PathRoots
 from .io.staging import OutputStaging
+from .pacs.nodes import DicomNode
 from .postprocess import postprocess
 from .request import (
     InferenceRequest,
@@ -85,12 +87,14 @@ class SegmentationPipeline:
         layout: OutputLayout = API_LAYOUT,
         roots: PathRoots = UNRESTRICTED,
         settings: ServeSettings | None = None,
+        dicom_nodes: dict[str, DicomNode] | None = None,
     ):
         self.registry = registry
         self.predictor = predictor
         self.layout = layout
         self.roots = roots
         self.settings = settings or load_settings()
+        self.exchange = DicomExchange(dicom_nodes or {}, self.settings.nnunet_bento_work_dir)
 
     def plan(self, request: InferenceRequest) -> Plan:
         """Resolve the models, merge their default_args into per-stage settings, and check
@@ -287,6 +291,33 @@ class SegmentationPipeline:
         ``check()`` is called at each step boundary and before the commit: what it raises
         (a timeout, a cancellation) stops the request there, and nothing is committed.
         """
+        self.exchange.check(request)
+        if request.dicom_source is None:
+            response = self._run(request, on_step, check)
+        else:
+            with self.exchange.pulled(request, self._stage_series(request)) as (study, series):
+                local = request.model_copy(
+                    update={"study_path": str(study), "series_folders": series}
+                )
+                response = self._run(local, on_step, check)
+            response.request = request.model_dump()
+        if request.push_to:
+            response.push = self.exchange.push(request, response)
+        return response
+
+    def _stage_series(self, request: InferenceRequest) -> list[list[str]]:
+        """Each model's series_folders, after default_args are merged in."""
+        models = [self.registry.get(model_id) for model_id in request.model_ids]
+        stages = merge_stage_settings(request, [m.entry.default_args for m in models])
+        return [stage.series_folders for stage in stages]
+
+    def _run(
+        self,
+        request: InferenceRequest,
+        on_step: StepCallback | None,
+        check: Callable[[], None] | None,
+    ) -> InferenceResponse:
+        """The run of a request whose study is a folder."""
         started = time.perf_counter()
         timings = Timings(on_step, check)
         plan = self.plan(request)

@@ -25,6 +25,7 @@ FoldId = int | str
 Voxels = Annotated[int, Field(ge=0, le=10_000)]
 ModelName = Annotated[str, Field(min_length=1, max_length=256)]
 SUFFIX_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+UID_PATTERN = r"^[0-9]+(\.[0-9]+)*$"
 CascadeMode = Literal["intersect", "crop"]
 SegmentationType = Literal["binary", "labelmap"]
 
@@ -161,6 +162,17 @@ def _per_model_field(name: str, info: FieldInfo) -> tuple[Any, Any]:
     return request_type, Field(None, description=field_help(name))
 
 
+class DicomSourceRef(BaseModel):
+    """A study on a DICOM node of the server's configuration."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    node: str = Field(
+        min_length=1, max_length=64, description="Node name from NNUNET_BENTO_DICOM_NODES."
+    )
+    study_uid: str = Field(pattern=UID_PATTERN, max_length=64, description="StudyInstanceUID.")
+
+
 class RequestFields(BaseModel):
     """The fields of a request that apply to all of its models."""
 
@@ -169,7 +181,21 @@ class RequestFields(BaseModel):
     nnunet_id: ModelName | Annotated[list[ModelName], Field(min_length=1, max_length=16)] = Field(
         description="Model id, name or alias; a list runs the models as a cascade."
     )
-    study_path: str = Field(description="Root folder of the study; series_folders are under it.")
+    study_path: str | None = Field(
+        None,
+        description="Root folder of the study; series_folders are under it. Required unless "
+        "dicom_source is given.",
+    )
+    dicom_source: DicomSourceRef | None = Field(
+        None,
+        description="Pull the study from a DICOM node instead of study_path; series_folders "
+        "then name series by SeriesInstanceUID or SeriesDescription. Implies is_dicom.",
+    )
+    push_to: Annotated[list[str], Field(max_length=8)] | None = Field(
+        None,
+        description="DICOM nodes to send the DICOM outputs to once they are written; a failed "
+        "push is reported in `push` and keeps the outputs.",
+    )
     output_dir: str = Field(description="Folder for the outputs; stage_N/ folders go in it.")
     tmp_dir: str = Field(
         ".tmp",
@@ -209,6 +235,14 @@ class RequestFields(BaseModel):
         description="Replace the results of an earlier request in output_dir as a whole; "
         "without it, an output_dir that holds results is refused (409).",
     )
+
+    @model_validator(mode="after")
+    def _one_study(self) -> "RequestFields":
+        if (self.study_path is None) == (self.dicom_source is None):
+            raise ValueError("give either study_path or dicom_source")
+        if self.dicom_source is not None:
+            self.is_dicom = True
+        return self
 
     @property
     def model_ids(self) -> list[str]:
@@ -342,5 +376,10 @@ class InferenceResponse(BaseModel):
     )
     preview: list[str] = Field(
         default_factory=list, description="Preview PNG per stage (save_preview)."
+    )
+    push: list[dict[str, Any]] = Field(
+        default_factory=list,
+        description="Per push_to node and file: node, file, sop_instance_uid, status (stored "
+        "or failed) and the node's reason.",
     )
     stages: list[StageOutputs]

@@ -53,6 +53,9 @@ class ServeSettings(BaseSettings):
     nnunet_bento_request_timeout_s: int = Field(
         3600, ge=1, description="Longest time one inference request may take."
     )
+    nnunet_bento_dicom_nodes: Path | None = Field(
+        None, description="YAML file of the DICOM nodes that requests may name."
+    )
     nnunet_bento_work_dir: Path = Field(
         Path(tempfile.gettempdir()) / "nnunet-bento",
         description="Our work folder: output locks, staging records, uploads, job records.",

@@ -9,14 +9,16 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from tqdm import tqdm
 
 from ..catalog.registry import Registry, build_registry, weights_source
 from ..catalog.spec import MetadataPath, ModelEntry, ServeSpec, load_spec
-from ..errors import NnunetBentoError
+from ..errors import NnunetBentoError, RequestError
 from ..export import CLI_LAYOUT
 from ..jobs import JobReporter
+from ..pacs.nodes import load_nodes
 from ..pipeline import STEPS, SegmentationPipeline
 from ..request import InferenceRequest, field_help
 from ..runners.device import DeviceSelector
@@ -33,7 +35,24 @@ def add_predict_arguments(parser: argparse.ArgumentParser) -> None:
     its help is the request field's description and server default.
     """
     add = parser.add_argument
-    add("--series_paths", "-i", nargs="+", required=True, help="Path to input series")
+    add(
+        "--series_paths",
+        "-i",
+        nargs="+",
+        required=True,
+        help="Path to input series (with --dicom_source: SeriesInstanceUIDs or SeriesDescriptions)",
+    )
+    add(
+        "--dicom_source",
+        metavar="NODE",
+        help="Pull the series from this DICOM node of NNUNET_BENTO_DICOM_NODES (needs --study_uid)",
+    )
+    add(
+        "--push_to",
+        nargs="+",
+        metavar="NODE",
+        help="Send the DICOM outputs to these DICOM nodes of NNUNET_BENTO_DICOM_NODES",
+    )
     add(
         "--model_path",
         "-m",
@@ -137,15 +156,29 @@ def model_entry_and_spec(args: argparse.Namespace) -> ServeSpec:
     return ServeSpec(models=[entry])
 
 
-def request_from(args: argparse.Namespace, model_id: str) -> InferenceRequest:
-    """The /infer request that the flags stand for."""
+def study_fields(args: argparse.Namespace) -> dict[str, Any]:
+    """Where the series come from: a DICOM node and study, or local paths under their
+    common folder (with the --intersect_with mask)."""
+    if args.dicom_source:
+        if not args.study_uid:
+            raise RequestError("--dicom_source needs --study_uid, the study to pull")
+        source = {"node": args.dicom_source, "study_uid": args.study_uid}
+        return {"dicom_source": source, "series_folders": args.series_paths}
     series = [Path(p).resolve() for p in args.series_paths]
     mask = Path(args.intersect_with).resolve() if args.intersect_with else None
     study = Path(os.path.commonpath([p.parent for p in [*series, *([mask] if mask else [])]]))
+    return {
+        "study_path": str(study),
+        "series_folders": [str(p.relative_to(study)) for p in series],
+        "intersect_with": str(mask.relative_to(study)) if mask else None,
+    }
+
+
+def request_from(args: argparse.Namespace, model_id: str) -> InferenceRequest:
+    """The /infer request that the flags stand for."""
     return InferenceRequest(
         nnunet_id=model_id,
-        study_path=str(study),
-        series_folders=[str(p.relative_to(study)) for p in series],
+        **study_fields(args),
         output_dir=str(Path(args.output_dir).resolve()),
         checkpoint_name=args.checkpoint_name,
         use_folds=args.folds and [int(f) if f.isdigit() else f for f in args.folds],
@@ -157,13 +190,13 @@ def request_from(args: argparse.Namespace, model_id: str) -> InferenceRequest:
         min_confidence=args.min_confidence,
         save_rt_struct_output=args.rt_struct_output,
         save_nifti_inputs=args.save_nifti_inputs,
-        intersect_with=str(mask.relative_to(study)) if mask else None,
         min_intersection=args.min_intersection,
         class_idx=args.class_idx,
         fractional_as_segments=args.fractional_as_segments,
         suffix=args.suffix,
         save_preview=args.preview,
         overwrite=True,
+        push_to=args.push_to,
     )
 
 
@@ -175,7 +208,10 @@ def local_pipeline(registry: Registry) -> SegmentationPipeline:
         DeviceSelector.for_this_machine(settings.nnunet_bento_gpu_wait_s),
         cache_size=1,
     )
-    return SegmentationPipeline(registry, runners, CLI_LAYOUT, settings=settings)
+    nodes = (
+        load_nodes(settings.nnunet_bento_dicom_nodes) if settings.nnunet_bento_dicom_nodes else {}
+    )
+    return SegmentationPipeline(registry, runners, CLI_LAYOUT, settings=settings, dicom_nodes=nodes)
 
 
 def run_predict(args: argparse.Namespace) -> str:
@@ -206,9 +242,14 @@ def run_predict(args: argparse.Namespace) -> str:
         *response.preview,
     ]
     study = f", study {args.study_uid}" if args.study_uid else ""
+    pushed = "".join(
+        f"; {r['status']} on {r['node']}: {Path(r['file']).name}"
+        + (f" ({r['reason']})" if r["reason"] else "")
+        for r in response.push
+    )
     return (
         f"{model_id} on {response.device}{study}: wrote {', '.join(files)} "
-        f"in {time.perf_counter() - started:.1f} s"
+        f"in {time.perf_counter() - started:.1f} s{pushed}"
     )
 
 

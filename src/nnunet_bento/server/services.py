@@ -23,6 +23,7 @@ from ..catalog.spec import load_spec
 from ..errors import DeviceUnavailableError, NnunetBentoError, SpecError
 from ..io.sandbox import PathRoots
 from ..io.staging import remove_stale_staging
+from ..pacs.nodes import DicomNode, load_nodes, node_kinds
 from ..pipeline import SegmentationPipeline, StepCallback
 from ..request import InferenceRequest, InferenceResponse
 from ..settings import ServeSettings, allowed_origins, load_settings
@@ -41,6 +42,16 @@ def load_registry_or_exit(settings: ServeSettings) -> Registry:
         sys.exit(f"nnunet-bento cannot start: {error}")
 
 
+def load_dicom_nodes_or_exit(settings: ServeSettings) -> dict[str, DicomNode]:
+    """The DICOM nodes of NNUNET_BENTO_DICOM_NODES (none when unset); an error stops start-up."""
+    if settings.nnunet_bento_dicom_nodes is None:
+        return {}
+    try:
+        return load_nodes(settings.nnunet_bento_dicom_nodes)
+    except SpecError as error:
+        sys.exit(f"nnunet-bento cannot start: {error}")
+
+
 def segmentation_config(settings: ServeSettings) -> dict[str, Any]:
     return {
         "name": "SegmentationService",
@@ -51,9 +62,11 @@ def segmentation_config(settings: ServeSettings) -> dict[str, Any]:
 
 
 def path_roots(settings: ServeSettings) -> PathRoots:
-    """The configured input and output roots."""
+    """The configured input and output roots, and our work folder (pulled series, uploads)."""
     return PathRoots.from_settings(
-        settings.nnunet_bento_input_roots, settings.nnunet_bento_output_root
+        settings.nnunet_bento_input_roots,
+        settings.nnunet_bento_output_root,
+        work_roots=[settings.nnunet_bento_work_dir],
     )
 
 
@@ -91,6 +104,7 @@ class SegmentationServiceBase:
     """HTTP entry point: parses requests, runs the pipeline in a thread, answers JSON."""
 
     registry: Registry
+    dicom_nodes: dict[str, DicomNode]
     runner: Any
     get_routes: Starlette
 
@@ -102,6 +116,7 @@ class SegmentationServiceBase:
             RemotePredictor(self.runner, self.registry),
             roots=path_roots(self.settings),
             settings=self.settings,
+            dicom_nodes=self.dicom_nodes,
         )
         self.admission = Admission(
             self.settings.nnunet_bento_max_pipelines, self.settings.nnunet_bento_max_queue
@@ -170,6 +185,11 @@ class SegmentationServiceBase:
             info[model_id] = {"id": model_id, "available": False, "error": reason}
         return info
 
+    @bentoml.api(route="/dicom-nodes")
+    async def dicom_nodes_info(self) -> list[dict[str, str]]:
+        """The configured DICOM nodes: name and kind, never an address or a credential."""
+        return node_kinds(self.dicom_nodes)
+
     @bentoml.api(route="/request-params")
     async def request_params(self) -> dict[str, Any]:
         """The JSON schema of the /infer body."""
@@ -177,7 +197,7 @@ class SegmentationServiceBase:
 
 
 def build_get_routes() -> Starlette:
-    """GET /model_info and GET /request-params, as the seed's curl examples use them."""
+    """GET /model_info, /request-params and /dicom-nodes (the seed's curl examples use GET)."""
 
     async def model_info(request: Request) -> JSONResponse:
         return JSONResponse(await request.app.state.service.describe_models())
@@ -185,10 +205,14 @@ def build_get_routes() -> Starlette:
     async def request_params(request: Request) -> JSONResponse:
         return JSONResponse(InferenceRequest.model_json_schema())
 
+    async def dicom_nodes(request: Request) -> JSONResponse:
+        return JSONResponse(node_kinds(request.app.state.service.dicom_nodes))
+
     app = Starlette(
         routes=[
             Route("/model_info", model_info, methods=["GET"]),
             Route("/request-params", request_params, methods=["GET"]),
+            Route("/dicom-nodes", dicom_nodes, methods=["GET"]),
         ]
     )
     app.state.service = None
