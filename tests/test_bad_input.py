@@ -359,13 +359,16 @@ def test_model_info_and_readyz_answer_within_a_second_during_an_inference(served
 
 
 def test_a_runner_killed_mid_request_is_503_and_the_next_request_works(served, area):
+    """The runner is killed once it has spent a second of CPU on the request's network."""
     server = psutil.Process(served.process.pid)
     (runner,) = [p for p in server.children(recursive=True) if "ModelRunner" in p.cmdline()]
     slow = slow_body(area, "results/killed", stages=4)
     answers: list[httpx.Response] = []
     thread = threading.Thread(target=lambda: answers.append(post(served, slow)))
     thread.start()
-    time.sleep(1.5)
+    busy_since = runner.cpu_times().user
+    while runner.cpu_times().user - busy_since < 1.0:
+        time.sleep(0.05)
     runner.kill()
     thread.join()
     (response,) = answers
