@@ -60,6 +60,15 @@ class ServeSettings(BaseSettings):
         Path(tempfile.gettempdir()) / "nnunet-bento",
         description="Our work folder: output locks, staging records, uploads, job records.",
     )
+    nnunet_bento_max_upload_mb: int = Field(
+        2048, ge=1, description="Largest study archive an upload may send."
+    )
+    nnunet_bento_max_unpacked_mb: int = Field(
+        16384, ge=1, description="Most that an uploaded archive may unpack to (zip bombs)."
+    )
+    nnunet_bento_job_ttl_s: float = Field(
+        86400, gt=0, description="How long a finished job and its result are kept."
+    )
     nnunet_bento_max_voxels: int = Field(
         200_000_000, ge=1, description="Most voxels of one input image, checked from its header."
     )

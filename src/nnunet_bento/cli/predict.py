@@ -131,6 +131,12 @@ def add_predict_arguments(parser: argparse.ArgumentParser) -> None:
     add(
         "--log_file", type=Path, help="Path to log file (with job_id, and success/failure messages)"
     )
+    add(
+        "--url",
+        help="Run on the nnunet-bento server at this URL: the series are uploaded and the "
+        "outputs downloaded (-m names a model id of that server)",
+    )
+    add("--token", help="Bearer token for --url (the server's NNUNET_BENTO_API_TOKEN)")
     add("--debug", action="store_true", help="Enters debug mode")
 
 
@@ -253,6 +259,13 @@ def run_predict(args: argparse.Namespace) -> str:
     )
 
 
+def run_on_server(args: argparse.Namespace) -> str:
+    """--url: the request runs on that server (the client, and BentoML, load only now)."""
+    from .remote_predict import run_remote
+
+    return run_remote(args, request_from(args, args.model_path))
+
+
 class TerminatedError(NnunetBentoError):
     """The command received SIGTERM."""
 
@@ -284,7 +297,11 @@ def predict(args: argparse.Namespace) -> int:
     reporter.running()
     try:
         with stopped_by_sigterm():
-            summary = run_predict(args)
+            summary = (
+                run_remote(args, request_from(args, args.model_path))
+                if args.url
+                else run_predict(args)
+            )
     except Exception as error:
         message = (
             str(error)

@@ -24,13 +24,19 @@ class Admission:
         self.limit = running + queued
         self.admitted = 0
 
+    def full(self) -> bool:
+        return self.admitted >= self.limit
+
+    def busy_message(self) -> str:
+        return (
+            f"the server is busy: {self.limit} requests are running or queued "
+            "(NNUNET_BENTO_MAX_PIPELINES + NNUNET_BENTO_MAX_QUEUE); retry later"
+        )
+
     @asynccontextmanager
     async def slot(self) -> AsyncIterator[None]:
-        if self.admitted >= self.limit:
-            raise ServerBusyError(
-                f"the server is busy: {self.limit} requests are running or queued "
-                "(NNUNET_BENTO_MAX_PIPELINES + NNUNET_BENTO_MAX_QUEUE); retry later"
-            )
+        if self.full():
+            raise ServerBusyError(self.busy_message())
         self.admitted += 1
         try:
             async with self.slots:

@@ -6,6 +6,7 @@ dependency as class attributes.
 
 import logging
 import sys
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import aiohttp
@@ -15,7 +16,7 @@ import httpx
 from bentoml.exceptions import BentoMLException
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse
+from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from ..catalog.registry import Registry, build_registry, weights_source
@@ -29,6 +30,7 @@ from ..request import InferenceRequest, InferenceResponse
 from ..settings import ServeSettings, allowed_origins, load_settings
 from .admission import RETRY_AFTER_S, Admission, deadline_check
 from .error_body import error_response
+from .remote_routes import REMOTE_ROUTES, UPLOAD_PATHS, RemoteRoutes
 from .runner_service import RemotePredictor
 
 logger = logging.getLogger("nnunet_bento")
@@ -76,6 +78,7 @@ def guard_options(settings: ServeSettings) -> dict[str, Any]:
     return {
         "token": token.get_secret_value() if token else None,
         "allowed_origins": allowed_origins(settings),
+        "multipart_paths": UPLOAD_PATHS,
     }
 
 
@@ -127,6 +130,7 @@ class SegmentationServiceBase:
             logger.warning("removed the staging folder %s of an interrupted request", folder)
         self.device: str | None = None
         self.get_routes.state.service = self
+        self.get_routes.state.remote = RemoteRoutes(self)
 
     @bentoml.api(input_spec=InferenceRequest)
     async def infer(self, **fields: Any) -> dict[str, Any]:
@@ -139,33 +143,44 @@ class SegmentationServiceBase:
         return response.model_dump(mode="json")
 
     async def run_pipeline(
-        self, request: InferenceRequest, on_step: StepCallback | None = None
+        self,
+        request: InferenceRequest,
+        on_step: StepCallback | None = None,
+        check: Callable[[], None] | None = None,
     ) -> InferenceResponse:
-        """Run the request in a worker thread once a pipeline slot is free, with a deadline."""
-        check = deadline_check(self.settings.nnunet_bento_request_timeout_s)
+        """Run the request in a worker thread once a pipeline slot is free, with a deadline
+        and ``check`` (e.g. a job's cancellation) at each step boundary."""
+        deadline = deadline_check(self.settings.nnunet_bento_request_timeout_s)
+
+        def checks() -> None:
+            deadline()
+            if check is not None:
+                check()
+
         async with self.admission.slot():
-            return await anyio.to_thread.run_sync(self.pipeline.run, request, on_step, check)
+            return await anyio.to_thread.run_sync(self.pipeline.run, request, on_step, checks)
 
     def failure(self, request: InferenceRequest, error: Exception) -> JSONResponse:
+        return self.failure_for(request.nnunet_id, error)
+
+    def failure_for(self, nnunet_id: Any, error: Exception) -> JSONResponse:
         """The error response for a failed request; details of unexpected errors go to the log."""
         if is_runner_unavailable(error):
-            logger.warning(
-                "request for %s: the model runner is unavailable: %s", request.nnunet_id, error
-            )
+            logger.warning("request for %s: the model runner is unavailable: %s", nnunet_id, error)
             error = DeviceUnavailableError(
                 "the model runner stopped or is restarting during the request; retry"
             )
         if isinstance(error, NnunetBentoError):
             logger.warning(
-                "request for %s failed: %s", request.nnunet_id, error, exc_info=self.settings.debug
+                "request for %s failed: %s", nnunet_id, error, exc_info=self.settings.debug
             )
             headers = {"Retry-After": str(RETRY_AFTER_S)} if error.status_code == 503 else None
             return error_response(error.status_code, str(error), headers)
-        logger.error("request for %s failed", request.nnunet_id, exc_info=error)
+        logger.error("request for %s failed", nnunet_id, exc_info=error)
         return error_response(
             500,
-            f"inference failed: {type(error).__name__} while running model(s) "
-            f"{', '.join(request.model_ids)}; the server log has the details",
+            f"inference failed: {type(error).__name__} while running {nnunet_id}; the server "
+            "log has the details",
         )
 
     @bentoml.api
@@ -197,7 +212,8 @@ class SegmentationServiceBase:
 
 
 def build_get_routes() -> Starlette:
-    """GET /model_info, /request-params and /dicom-nodes (the seed's curl examples use GET)."""
+    """GET /model_info, /request-params and /dicom-nodes (the seed's curl examples use GET),
+    and the upload and job routes of remote_routes."""
 
     async def model_info(request: Request) -> JSONResponse:
         return JSONResponse(await request.app.state.service.describe_models())
@@ -208,11 +224,21 @@ def build_get_routes() -> Starlette:
     async def dicom_nodes(request: Request) -> JSONResponse:
         return JSONResponse(node_kinds(request.app.state.service.dicom_nodes))
 
+    def remote(name: str) -> Callable[[Request], Awaitable[Response]]:
+        async def handle(request: Request) -> Response:
+            return await getattr(request.app.state.remote, name)(request)
+
+        return handle
+
     app = Starlette(
         routes=[
             Route("/model_info", model_info, methods=["GET"]),
             Route("/request-params", request_params, methods=["GET"]),
             Route("/dicom-nodes", dicom_nodes, methods=["GET"]),
+            *(
+                Route(route.path, remote(route.name), methods=route.methods)
+                for route in REMOTE_ROUTES
+            ),
         ]
     )
     app.state.service = None

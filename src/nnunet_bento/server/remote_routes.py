@@ -1,0 +1,337 @@
+"""Routes for clients without a shared disk: study uploads and background jobs.
+
+- ``POST /infer_file``: multipart ``archive`` (a .zip or .tar.gz of the study) and
+  ``request`` (the /infer body without study_path and output_dir); answers a zip of the
+  outputs with ``response.json``, paths relative to the archive's root.
+- ``POST /jobs`` (the /infer body) and ``POST /jobs/upload`` (the /infer_file parts) answer
+  202 with ``{"job_id": ...}``; ``GET /jobs/{id}``, ``GET /jobs/{id}/result`` and
+  ``DELETE /jobs/{id}`` follow the job.
+
+They live on the mounted Starlette app, not as BentoML APIs: BentoML's file parameters
+download any URL given instead of a file, which would let a caller make the server fetch
+from anywhere. Here the archive must be an uploaded file, streamed to disk under its size
+limit. Uploads go to our work folder and are removed once the answer is sent or the job
+expires.
+"""
+
+import asyncio
+import json
+import logging
+import shutil
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+from starlette.background import BackgroundTask
+from starlette.datastructures import UploadFile
+from starlette.requests import Request
+from starlette.responses import FileResponse, JSONResponse, Response
+
+from ..errors import NnunetBentoError, RequestError, TooLargeError
+from ..io.archive import ArchiveLimits, extract_study, pack_outputs
+from ..job_store import JobRecord, JobStore
+from ..request import InferenceRequest, InferenceResponse, format_validation_error
+from ..settings import ServeSettings
+from .error_body import error_response
+
+logger = logging.getLogger("nnunet_bento")
+UPLOAD_PATHS = ("/infer_file", "/jobs/upload")
+CHUNK = 1 << 20
+SERVER_FIELDS = ("study_path", "output_dir", "dicom_source", "overwrite")
+RETRY_HEADERS = {"Retry-After": "10"}
+
+
+@dataclass(frozen=True)
+class RouteSpec:
+    """A route of RemoteRoutes: its path, methods and the RemoteRoutes method that answers."""
+
+    path: str
+    methods: list[str]
+    name: str
+
+
+REMOTE_ROUTES = (
+    RouteSpec("/infer_file", ["POST"], "infer_file"),
+    RouteSpec("/jobs", ["POST"], "submit"),
+    RouteSpec("/jobs/upload", ["POST"], "submit_upload"),
+    RouteSpec("/jobs/{job_id}", ["GET"], "status"),
+    RouteSpec("/jobs/{job_id}", ["DELETE"], "cancel"),
+    RouteSpec("/jobs/{job_id}/result", ["GET"], "result"),
+)
+
+
+class JobCancelledError(NnunetBentoError):
+    """The job was cancelled (DELETE /jobs/{id}); nothing is committed."""
+
+    status_code = 409
+
+
+@dataclass(frozen=True)
+class Upload:
+    """An extracted upload: its work folder, the study root in it and the output folder."""
+
+    folder: Path
+    study: Path
+
+    @property
+    def output(self) -> Path:
+        return self.folder / "out"
+
+    @property
+    def result(self) -> Path:
+        return self.folder / "result.zip"
+
+
+def archive_limits(settings: ServeSettings) -> ArchiveLimits:
+    return ArchiveLimits(
+        max_upload_bytes=settings.nnunet_bento_max_upload_mb << 20,
+        max_unpacked_bytes=settings.nnunet_bento_max_unpacked_mb << 20,
+        max_entries=100_000,
+    )
+
+
+async def receive_upload(request: Request, settings: ServeSettings) -> tuple[Upload, dict]:
+    """Check and store the multipart parts: the archive (streamed to disk under its limit,
+    then extracted entry by entry) and the request fields. Nothing stays behind on error."""
+    limits = archive_limits(settings)
+    declared = int(request.headers.get("content-length") or 0)
+    if declared > limits.max_upload_bytes + CHUNK:
+        raise TooLargeError(upload_too_large(settings))
+    form = await request.form(max_files=1, max_fields=1, max_part_size=CHUNK)
+    try:
+        archive, fields = form.get("archive"), form.get("request")
+        if not isinstance(archive, UploadFile):
+            raise RequestError(
+                "the upload needs a part 'archive': the study as a .zip or .tar.gz file"
+            )
+        body = request_fields(fields if isinstance(fields, str) else "{}")
+        folder = settings.nnunet_bento_work_dir / "uploads" / uuid.uuid4().hex
+        folder.mkdir(parents=True)
+        try:
+            await save_archive(archive, folder / "upload", limits.max_upload_bytes, settings)
+            study = extract_study(folder / "upload", folder / "study", limits)
+            (folder / "upload").unlink()
+        except BaseException:
+            shutil.rmtree(folder, ignore_errors=True)
+            raise
+    finally:
+        await form.close()
+    return Upload(folder, study), body
+
+
+def upload_too_large(settings: ServeSettings) -> str:
+    return (
+        f"the archive is larger than NNUNET_BENTO_MAX_UPLOAD_MB "
+        f"({settings.nnunet_bento_max_upload_mb} MB)"
+    )
+
+
+async def save_archive(
+    archive: UploadFile, path: Path, limit: int, settings: ServeSettings
+) -> None:
+    """Copy the uploaded archive to ``path``, refusing it once it passes ``limit`` bytes."""
+    written = 0
+    with open(path, "wb") as stream:
+        while chunk := await archive.read(CHUNK):
+            written += len(chunk)
+            if written > limit:
+                raise TooLargeError(upload_too_large(settings))
+            stream.write(chunk)
+
+
+def request_fields(text: str) -> dict[str, Any]:
+    """The 'request' part: a JSON object, without the fields the server sets itself."""
+    try:
+        fields = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise RequestError(f"the 'request' part is not JSON: {error.msg}") from None
+    if not isinstance(fields, dict):
+        raise RequestError("the 'request' part must be a JSON object (the /infer body)")
+    given = sorted(set(fields) & set(SERVER_FIELDS))
+    if given:
+        raise RequestError(
+            f"the 'request' part of an upload may not give {', '.join(given)}: the server "
+            "sets where the uploaded study and its outputs go"
+        )
+    return fields
+
+
+def upload_request(upload: Upload, fields: dict[str, Any]) -> InferenceRequest:
+    """The /infer request for an extracted upload."""
+    body = {**fields, "study_path": str(upload.study), "output_dir": str(upload.output)}
+    try:
+        return InferenceRequest.model_validate(body)
+    except ValidationError as error:
+        raise RequestError(format_validation_error(error)) from None
+
+
+def relative_response(response: InferenceResponse, upload: Upload) -> dict[str, Any]:
+    """The response with paths relative to the archive's root (outputs as stage_N/...)."""
+    record = response.model_dump(mode="json")
+    for key in ("study_path", "output_dir", "overwrite"):
+        record["request"].pop(key, None)
+    text = json.dumps(record)
+    for folder in (upload.output, upload.study):
+        text = text.replace(f"{folder}/", "").replace(str(folder), ".")
+    return json.loads(text)
+
+
+def pack_result(response: InferenceResponse, upload: Upload) -> Path:
+    """The result zip of an upload: the outputs and response.json."""
+    outputs = upload.output
+    outputs.mkdir(exist_ok=True)
+    return pack_outputs(outputs, relative_response(response, upload), upload.result)
+
+
+def zip_response(path: Path, remove: Path | None = None) -> FileResponse:
+    """The result zip; ``remove`` is deleted once the answer is sent."""
+    task = BackgroundTask(shutil.rmtree, remove, ignore_errors=True) if remove else None
+    return FileResponse(path, media_type="application/zip", filename="result.zip", background=task)
+
+
+class RemoteRoutes:
+    """The upload and job routes of one API worker, running on its SegmentationService."""
+
+    def __init__(self, service: Any) -> None:
+        self.service = service
+        settings: ServeSettings = service.settings
+        self.settings = settings
+        self.jobs = JobStore(
+            settings.nnunet_bento_work_dir / "jobs.sqlite", settings.nnunet_bento_job_ttl_s
+        )
+        self.tasks: set[asyncio.Task] = set()
+
+    async def infer_file(self, request: Request) -> Response:
+        """Run an uploaded study now; answer the zip of its outputs."""
+        try:
+            upload, fields = await receive_upload(request, self.settings)
+        except NnunetBentoError as error:
+            return error_response(error.status_code, str(error))
+        try:
+            inference = upload_request(upload, fields)
+            response = await self.service.run_pipeline(inference)
+            return zip_response(pack_result(response, upload), remove=upload.folder)
+        except Exception as error:
+            shutil.rmtree(upload.folder, ignore_errors=True)
+            return self.service.failure_for(fields.get("nnunet_id"), error)
+
+    async def submit(self, request: Request) -> Response:
+        """Queue an /infer body as a job: 202 with its id."""
+        try:
+            body = await request.json()
+            inference = InferenceRequest.model_validate(body)
+        except ValidationError as error:
+            return error_response(400, format_validation_error(error))
+        except ValueError as error:
+            return error_response(400, f"the body is not JSON: {error}")
+        return self.start_job("infer", inference, None)
+
+    async def submit_upload(self, request: Request) -> Response:
+        """Queue an uploaded study as a job: 202 with its id."""
+        try:
+            upload, fields = await receive_upload(request, self.settings)
+            inference = upload_request(upload, fields)
+        except NnunetBentoError as error:
+            return error_response(error.status_code, str(error))
+        return self.start_job("upload", inference, upload)
+
+    def start_job(self, kind: str, inference: InferenceRequest, upload: Upload | None) -> Response:
+        self.expire()
+        if self.service.admission.full():
+            if upload is not None:
+                shutil.rmtree(upload.folder, ignore_errors=True)
+            return error_response(503, self.service.admission.busy_message(), RETRY_HEADERS)
+        record = self.jobs.create(kind)
+        task = asyncio.create_task(self.run_job(record.job_id, inference, upload))
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+        return JSONResponse({"job_id": record.job_id, "status": record.status}, status_code=202)
+
+    async def run_job(
+        self, job_id: str, inference: InferenceRequest, upload: Upload | None
+    ) -> None:
+        """Run one job to its end, recording its progress and outcome."""
+        n_stages = len(inference.model_ids)
+
+        def on_step(stage: int, step: str) -> None:
+            self.jobs.progress(job_id, stage, n_stages, step)
+
+        def check() -> None:
+            if self.jobs.is_cancelled(job_id):
+                raise JobCancelledError(f"job {job_id} was cancelled; nothing was written")
+
+        try:
+            async with self.service.admission.slot():
+                if not self.jobs.start(job_id):
+                    return
+                response = await self.service.run_pipeline(inference, on_step, check)
+            if upload is None:
+                self.jobs.finish(job_id, response.model_dump(mode="json"))
+            else:
+                self.jobs.finish(job_id, None, str(pack_result(response, upload)))
+        except Exception as error:
+            failure = self.service.failure_for(inference.nnunet_id, error)
+            self.jobs.fail(job_id, json.loads(failure.body)["error"], failure.status_code)
+        finally:
+            if upload is not None:
+                keep = self.jobs.get(job_id)
+                self.remove_upload_inputs(upload, keep)
+
+    @staticmethod
+    def remove_upload_inputs(upload: Upload, record: JobRecord | None) -> None:
+        """Keep only the result zip of a finished upload job."""
+        if record is None or record.result_file is None:
+            shutil.rmtree(upload.folder, ignore_errors=True)
+            return
+        for path in upload.folder.iterdir():
+            if path != upload.result:
+                shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink()
+
+    def record(self, request: Request) -> JobRecord | None:
+        self.expire()
+        return self.jobs.get(request.path_params["job_id"])
+
+    async def status(self, request: Request) -> Response:
+        record = self.record(request)
+        if record is None:
+            return unknown_job(request)
+        return JSONResponse(record.to_public())
+
+    async def result(self, request: Request) -> Response:
+        record = self.record(request)
+        if record is None:
+            return unknown_job(request)
+        if record.status == "failed":
+            return error_response(record.status_code or 500, record.error or "the job failed")
+        if record.status != "done":
+            return error_response(
+                409, f"job {record.job_id} is {record.status}; its result is not ready"
+            )
+        if record.result_file is not None:
+            return zip_response(Path(record.result_file))
+        return JSONResponse(record.result_json)
+
+    async def cancel(self, request: Request) -> Response:
+        self.expire()
+        record = self.jobs.cancel(request.path_params["job_id"])
+        if record is None:
+            return unknown_job(request)
+        if record.status != "cancelled":
+            return error_response(409, f"job {record.job_id} is already {record.status}")
+        return JSONResponse(record.to_public())
+
+    def expire(self) -> None:
+        """Forget jobs past NNUNET_BENTO_JOB_TTL_S and remove their result files."""
+        for record in self.jobs.expire():
+            if record.result_file:
+                shutil.rmtree(Path(record.result_file).parent, ignore_errors=True)
+
+
+def unknown_job(request: Request) -> Response:
+    return error_response(
+        404,
+        f"unknown job {request.path_params['job_id']!r} (finished jobs expire after "
+        "NNUNET_BENTO_JOB_TTL_S)",
+    )
