@@ -297,11 +297,7 @@ def predict(args: argparse.Namespace) -> int:
     reporter.running()
     try:
         with stopped_by_sigterm():
-            summary = (
-                run_remote(args, request_from(args, args.model_path))
-                if args.url
-                else run_predict(args)
-            )
+            summary = run_on_server(args) if args.url else run_predict(args)
     except Exception as error:
         message = (
             str(error)
