@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# On a CUDA machine: the GPU-marked tests and the latency benchmark, with the card's name.
+# On a CUDA machine: the GPU-marked tests, the latency benchmark and the clinical-size
+# benchmark (its last lines give the GPU's busy share of the queued run), with the card's name.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ ! -x .venv/bin/python ]; then
@@ -11,3 +12,4 @@ export BENTOML_DO_NOT_TRACK=true
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 .venv/bin/python -m pytest -m gpu -q
 .venv/bin/python scripts/bench/latency.py --device cuda
+.venv/bin/python scripts/bench/scale.py --device cuda --repeats 3

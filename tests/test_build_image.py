@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import REPO
 
 CA_TARGET = "/etc/ssl/certs/ca-certificates.crt"
@@ -59,7 +58,9 @@ def bentofile() -> dict:
 def instructions(dockerfile: str) -> list[str]:
     """The Dockerfile's instructions, continuation lines joined."""
     joined = re.sub(r"\\\n", " ", dockerfile)
-    return [line.strip() for line in joined.splitlines() if line.strip() and not line.startswith("#")]
+    return [
+        line.strip() for line in joined.splitlines() if line.strip() and not line.startswith("#")
+    ]
 
 
 def env_of(dockerfile: str) -> dict[str, str]:
@@ -129,7 +130,14 @@ def test_build_image_help():
         check=False,
     )
     assert completed.returncode == 0, completed.stderr
-    for option in ("--engine", "--base-image", "--ca-bundle", "--cpu", "--tag", "--dockerfile-only"):
+    for option in (
+        "--engine",
+        "--base-image",
+        "--ca-bundle",
+        "--cpu",
+        "--tag",
+        "--dockerfile-only",
+    ):
         assert option in completed.stdout
 
 
@@ -193,9 +201,10 @@ def fake_engines(tmp_path: Path, docker_daemon: bool) -> dict[str, str]:
 @pytest.mark.parametrize(("daemon", "expected"), [(True, "docker"), (False, "podman")])
 def test_engine_is_docker_only_when_its_daemon_answers(tmp_path, daemon, expected):
     env = fake_engines(tmp_path, daemon)
+    script = str(REPO / "scripts" / "container" / "build_image.py")
     code = (
         "import importlib.util, sys\n"
-        f"spec = importlib.util.spec_from_file_location('b', {str(REPO / 'scripts/container/build_image.py')!r})\n"
+        f"spec = importlib.util.spec_from_file_location('b', {script!r})\n"
         "m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m)\n"
         "print(m.detect_engine())\n"
     )

@@ -5,7 +5,6 @@ the study and result volumes at the image's path roots."""
 
 import pytest
 import yaml
-
 from conftest import REPO
 
 kubernetes_validate = pytest.importorskip("kubernetes_validate")
@@ -80,16 +79,16 @@ def test_deployment_selectors_match_their_pods_and_services():
     services = by_kind("Service")
     for deployment in deployments.values():
         assert labels_match(deployment["spec"]["selector"], pod_labels(deployment))
-    assert labels_match({"matchLabels": services[RUNNER]["spec"]["selector"]}, pod_labels(
-        deployments[RUNNER]
-    ))
+    assert labels_match(
+        {"matchLabels": services[RUNNER]["spec"]["selector"]}, pod_labels(deployments[RUNNER])
+    )
     assert not labels_match(
         {"matchLabels": services[RUNNER]["spec"]["selector"]}, pod_labels(deployments[API])
     )
     api_service = services["nnunet-bento"]
-    assert labels_match({"matchLabels": api_service["spec"]["selector"]}, pod_labels(
-        deployments[API]
-    ))
+    assert labels_match(
+        {"matchLabels": api_service["spec"]["selector"]}, pod_labels(deployments[API])
+    )
 
 
 def test_runner_runs_alone_on_a_gpu_behind_a_cluster_ip():
@@ -122,6 +121,8 @@ def test_api_is_replicated_and_wired_to_the_runner_service():
     assert "nvidia.com/gpu" not in container.get("resources", {}).get("limits", {})
     service = by_kind("Service")["nnunet-bento"]
     assert [p["port"] for p in service["spec"]["ports"]] == [API_PORT]
+    # a job is kept by the pod that accepted it: its client must come back to that pod
+    assert service["spec"]["sessionAffinity"] == "ClientIP"
 
 
 def test_network_policy_admits_only_api_pods_to_the_runner():

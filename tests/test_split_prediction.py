@@ -195,7 +195,7 @@ def test_an_exception_in_the_network_step_leaves_no_segment(
 
 def test_the_runner_says_when_a_segment_is_not_on_its_host(runners, no_leaked_segments):
     with shared_copy(np.zeros((1, 4, 4, 4), np.float32)) as ref:
-        missing = replace(ref, name=f"{PREFIX}gone")
+        missing = replace(ref, name=f"{PREFIX}{'0' * 16}")
     job = NetworkJob("organ", (0,), "checkpoint_final.pth", False, missing)
     assert isinstance(runners.run_network_or_failure(job), NotShared)
 
@@ -207,3 +207,8 @@ def test_logits_of_another_shape_or_dtype_travel_inline(no_leaked_segments):
         np.testing.assert_array_equal(attach(out), logits)
         assert delivered(logits.astype(np.float32), out) is not None
     assert delivered(logits, None) is logits
+
+
+def test_only_our_segment_names_are_opened():
+    with pytest.raises(ValueError, match="not the name of one of our shared memory segments"):
+        attach(SharedArrayRef("../../etc/passwd", (1,), "<f4"))

@@ -5,16 +5,16 @@ queued run adds three more with the content rolled. The floor is a warm worker p
 running read + nnUNetPredictor.predict_single_npy_array + write; /infer goes through a
 `bentoml serve` that this script starts. Figures:
 
-1. latency: warm /infer over the floor, interleaved pairs;
-2. memory: PSS summed over every process (the floor worker; all processes of the server),
-   sampled at --hz, growth from idle to the peak of the case, /infer over the floor; also
-   the sum of each process's own growth, the ratio of absolute peaks, and each service's
-   peak growth in bytes per input voxel (also with the probabilities of all labels kept);
-3. the runner's busy time per request (ModelRunner's access log) over the sliding window
-   alone (predict_logits_from_preprocessed_data, timed in the floor);
-4. throughput: 4 different cases queued at once on /infer against
-   predict_from_files with 2 preprocessing and 2 export workers, with the GPU's busy
-   share on CUDA.
+1. latency: warm /infer over the floor, interleaved pairs, nothing sampled meanwhile;
+2. the runner's busy time per request (ModelRunner's access log) over the sliding window
+   alone (predict_logits_from_preprocessed_data, timed in the floor), same pairs;
+3. memory, on separate runs: PSS summed over every process (the floor worker; all
+   processes of the server; our shared memory segments counted once, mapped or not),
+   sampled at --hz, growth from idle to the peak, /infer over the floor; also the sum of
+   each process's own growth, the ratio of absolute peaks, and each service's growth per
+   input voxel (also with the probabilities of all labels kept);
+4. throughput: 4 different cases queued at once on /infer against predict_from_files
+   with 2 preprocessing and 2 export workers, with the GPU's busy share on CUDA.
 
 `--write` puts the section into docs/benchmarks.md.
 """
@@ -36,7 +36,10 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 SECTION = "## Clinical-size cases"
-HOT_ROLES = ("floor", "SegmentationService", "ModelRunner")
+HOT_ROLES = ("floor", "SegmentationService", "ModelRunner", "shared memory")
+SHM_DIR = Path("/dev/shm")
+SEGMENT_PREFIX = "nnunet_bento_"
+SEGMENTS = -1  # the series of shared_segments
 RUNNER_LINE = re.compile(r"path=/run_network,.*\) ([0-9.]+)ms")
 
 
@@ -58,16 +61,29 @@ def make_case(source: Path, target: Path, tile: tuple[int, int, int], shift: int
     return int(array.size)
 
 
-def pss_kib(pid: int) -> int:
-    """Proportional set size of one process (shared pages counted once over all)."""
+def private_pss(pid: int) -> int:
+    """Bytes of a process's proportional set size without shared memory segments (those
+    count once, in shared_segments, mapped or not); 0 once it has ended."""
+    fields = {"Pss": 0, "Pss_Shmem": 0}
     try:
         with open(f"/proc/{pid}/smaps_rollup") as stream:
             for line in stream:
-                if line.startswith("Pss:"):
-                    return int(line.split()[1])
+                name, _, value = line.partition(":")
+                if name in fields:
+                    fields[name] = int(value.split()[0]) * 1024
     except (FileNotFoundError, ProcessLookupError):
         pass
-    return 0
+    return fields["Pss"] - fields["Pss_Shmem"]
+
+
+def shared_segments(pid: int) -> int:
+    """Bytes held by our shared memory segments on this host (pages written so far)."""
+    total = 0
+    for name in os.listdir(SHM_DIR):
+        if name.startswith(SEGMENT_PREFIX):
+            with suppress(FileNotFoundError):
+                total += os.stat(SHM_DIR / name).st_blocks * 512
+    return total
 
 
 @dataclass
@@ -85,53 +101,68 @@ class Memory:
 
 
 class Sampler:
-    """Samples the PSS of every process of a tree, each in its own thread: the workers at
-    ``hz``, the others (the arbiter, the resource tracker: flat) once a second. Reading
-    smaps_rollup waits for the process's memory map lock, so one slow read must not hold
-    up the others; the threads ask for a higher priority where they may."""
+    """Samples the PSS of every process of a tree while ``measure`` runs, each process in
+    its own thread: the workers (and with ``shared`` our shared memory segments) at ``hz``,
+    the others (the arbiter, the resource tracker: flat) once a second. Reading
+    smaps_rollup costs CPU time and waits for the process's memory map lock, so one slow
+    read must not hold up the others, the threads ask for a higher priority where they
+    may, and nothing is sampled outside ``measure``."""
 
     def __init__(
-        self, root: int, hz: float, role: Callable[[list[str]], str], gpu: object = None
+        self,
+        root: int,
+        hz: float,
+        role: Callable[[list[str]], str],
+        shared: bool = False,
+        gpu: object = None,
     ) -> None:
-        self.root, self.hz, self.role, self.gpu = root, hz, role, gpu
+        self.root, self.hz, self.role, self.shared, self.gpu = root, hz, role, shared, gpu
         self.series: dict[int, list[tuple[float, int]]] = {}
         self.roles: dict[int, str] = {}
         self.gpu_busy: list[tuple[float, int]] = []
         self._stop = threading.Event()
+        self._active = threading.Event()
         self._threads = [threading.Thread(target=self._discover, daemon=True)]
         self._threads[0].start()
 
     def _discover(self) -> None:
         import psutil
 
+        if self.shared:
+            self._start(SEGMENTS, "shared memory")
         while not self._stop.is_set():
             root = psutil.Process(self.root)
             for process in [root, *root.children(recursive=True)]:
                 if process.pid in self.roles:
                     continue
                 try:
-                    self.roles[process.pid] = self.role(process.cmdline())
+                    self._start(process.pid, self.role(process.cmdline()))
                 except psutil.Error:
                     continue
-                self.series[process.pid] = []
-                thread = threading.Thread(target=self._sample, args=(process.pid,), daemon=True)
-                self._threads.append(thread)
-                thread.start()
             if self.gpu is not None:
                 import pynvml
 
                 busy = pynvml.nvmlDeviceGetUtilizationRates(self.gpu).gpu
                 self.gpu_busy.append((time.monotonic(), busy))
-            self._stop.wait(0.1)
+            self._stop.wait(0.1 if self._active.is_set() or self.gpu is not None else 1.0)
+
+    def _start(self, pid: int, role: str) -> None:
+        self.roles[pid], self.series[pid] = role, []
+        thread = threading.Thread(target=self._sample, args=(pid,), daemon=True)
+        self._threads.append(thread)
+        thread.start()
 
     def _sample(self, pid: int) -> None:
         with suppress(PermissionError):
             os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), -10)
         period = 1 / self.hz if self.roles[pid] in HOT_ROLES else 1.0
+        read = shared_segments if pid == SEGMENTS else private_pss
         while not self._stop.is_set():
+            if not self._active.wait(0.1):
+                continue
             now = time.monotonic()
-            self.series[pid].append((now, pss_kib(pid) * 1024))
-            if not os.path.exists(f"/proc/{pid}"):
+            self.series[pid].append((now, read(pid)))
+            if pid != SEGMENTS and not os.path.exists(f"/proc/{pid}"):
                 return
             self._stop.wait(max(0.0, period - (time.monotonic() - now)))
 
@@ -160,10 +191,14 @@ class Sampler:
     def measure(self, idle_s: float = 1.5) -> Iterator[list[Memory]]:
         """Idle for ``idle_s``, then the body; yields a list that holds the Memory after."""
         out: list[Memory] = []
+        self._active.set()
         time.sleep(idle_s)
         marked = time.monotonic()
-        yield out
-        ended = time.monotonic()
+        try:
+            yield out
+        finally:
+            ended = time.monotonic()
+            self._active.clear()
         idle_totals, idle_own = self.totals(marked - idle_s, marked)
         run_totals, run_own = self.totals(marked, ended)
         own: dict[str, float] = {}
@@ -276,15 +311,13 @@ def floor_worker(args: argparse.Namespace) -> None:
 
 
 @dataclass
-class Pair:
-    """One interleaved pair: seconds and memory of the floor and of /infer."""
+class Timing:
+    """One interleaved pair: seconds of the floor and of /infer, and of their network step."""
 
     floor_s: float
     infer_s: float
     network_s: float
     runner_s: float
-    floor_memory: Memory
-    infer_memory: Memory
 
 
 def runner_seconds(log: Path, before: int) -> list[float]:
@@ -307,7 +340,13 @@ def main() -> None:
     parser.add_argument("--folds", type=int, nargs="+", default=[0])
     parser.add_argument("--tta", action="store_true", help="mirroring (off by default)")
     parser.add_argument("--tile", type=int, nargs=3, default=(2, 8, 8), help="z y x tiles")
-    parser.add_argument("--repeats", type=int, default=2, help="interleaved pairs")
+    parser.add_argument("--repeats", type=int, default=2, help="interleaved timing pairs")
+    parser.add_argument(
+        "--memory-repeats",
+        type=int,
+        default=1,
+        help="pairs sampled for memory (then one more with probabilities)",
+    )
     parser.add_argument("--hz", type=float, default=50.0)
     parser.add_argument("--device", default="cuda" if _cuda() else "cpu")
     parser.add_argument("--skip-queued", action="store_true")
@@ -335,7 +374,7 @@ def main() -> None:
     floor = FloorWorker(args)
     floor_sampler = Sampler(floor.process.pid, args.hz, lambda cmdline: "floor")
     with bentoml_serve(spec, work / "serve.log") as served:
-        server_sampler = Sampler(served.process.pid, args.hz, server_role, gpu)
+        server_sampler = Sampler(served.process.pid, args.hz, server_role, True, gpu)
         counter = iter(range(10**6))
 
         def infer(case: int = 0, probabilities: bool = False) -> float:
@@ -361,38 +400,29 @@ def main() -> None:
                 probabilities=probabilities,
             )
 
+        def timed_infer() -> tuple[float, float]:
+            before = log_lines(served.log)
+            seconds = infer()
+            return seconds, runner_seconds(served.log, before)[-1]
+
         floor_run(), infer()  # warm both: predictors, thread pools, imports
-        pairs: list[Pair] = []
+        timings: list[Timing] = []
         for repeat in range(args.repeats):
-            order = ("floor", "infer") if repeat % 2 == 0 else ("infer", "floor")
-            values: dict[str, object] = {}
-            for side in order:
-                if side == "floor":
-                    with floor_sampler.measure() as memory:
-                        values["floor"] = floor_run()
-                    values["floor_memory"] = memory[0]
-                else:
-                    before = log_lines(served.log)
-                    with server_sampler.measure() as memory:
-                        values["infer_s"] = infer()
-                    values["infer_memory"] = memory[0]
-                    values["runner_s"] = runner_seconds(served.log, before)[-1]
-            reply = values["floor"]
-            pairs.append(
-                Pair(
-                    reply["seconds"],
-                    values["infer_s"],
-                    reply["network_seconds"],
-                    values["runner_s"],
-                    values["floor_memory"],
-                    values["infer_memory"],
-                )
-            )
-            print(pairs[-1], flush=True)
-        with floor_sampler.measure() as floor_proba:
-            floor_run(probabilities=True)
-        with server_sampler.measure() as infer_proba:
-            infer(probabilities=True)
+            if repeat % 2 == 0:
+                reply, (infer_s, runner_s) = floor_run(), timed_infer()
+            else:
+                (infer_s, runner_s), reply = timed_infer(), floor_run()
+            timings.append(Timing(reply["seconds"], infer_s, reply["network_seconds"], runner_s))
+            print(timings[-1], flush=True)
+        memory: dict[str, list[Memory]] = {"floor": [], "infer": []}
+        for probabilities in [False] * args.memory_repeats + [True]:
+            with floor_sampler.measure() as floor_memory:
+                floor_run(probabilities)
+            with server_sampler.measure() as infer_memory:
+                infer(probabilities=probabilities)
+            memory["floor"] += floor_memory
+            memory["infer"] += infer_memory
+            print(floor_memory, infer_memory, flush=True)
         queued = None
         if not args.skip_queued:
             started = time.monotonic()
@@ -410,7 +440,7 @@ def main() -> None:
         server_sampler.stop()
     floor_sampler.stop()
     floor.close()
-    section = report(args, voxels[0], pairs, floor_proba[0], infer_proba[0], queued)
+    section = report(args, voxels[0], timings, memory, queued)
     print(section)
     if args.write:
         write_section(REPO / "docs" / "benchmarks.md", section)
@@ -419,80 +449,81 @@ def main() -> None:
 def report(
     args: argparse.Namespace,
     voxels: int,
-    pairs: list[Pair],
-    floor_proba: Memory,
-    infer_proba: Memory,
+    timings: list[Timing],
+    memory: dict[str, list[Memory]],
     queued: tuple[float, float, float | None] | None,
 ) -> str:
     """The docs/benchmarks.md section for one run."""
-    name = _device_name(args.device)
     mib = 2**20
-    latency = [p.infer_s / p.floor_s for p in pairs]
-    growth = [p.infer_memory.growth / p.floor_memory.growth for p in pairs]
-    own = [sum(p.infer_memory.own_growth.values()) / p.floor_memory.growth for p in pairs]
-    peak = [p.infer_memory.peak / p.floor_memory.peak for p in pairs]
-    busy = [p.runner_s / p.network_s for p in pairs]
-    hz = min(min(p.infer_memory.hz, p.floor_memory.hz) for p in pairs)
-    roles = sorted(pairs[0].infer_memory.own_growth)
+    floor, infer = memory["floor"][:-1], memory["infer"][:-1]
+    latency = [t.infer_s / t.floor_s for t in timings]
+    busy = [t.runner_s / t.network_s for t in timings]
+    growth = [i.growth / f.growth for f, i in zip(floor, infer, strict=True)]
+    own = [sum(i.own_growth.values()) / f.growth for f, i in zip(floor, infer, strict=True)]
+    peak = [i.peak / f.peak for f, i in zip(floor, infer, strict=True)]
+    hz = min(m.hz for m in memory["floor"] + memory["infer"])
+    timing_rows = [
+        f"| {i + 1} | {t.floor_s:.1f} s | {t.infer_s:.1f} s | {t.network_s:.1f} s | "
+        f"{t.runner_s:.1f} s |"
+        for i, t in enumerate(timings)
+    ]
 
-    def per_voxel(memory: Memory, role: str) -> str:
-        return f"{max(memory.own_growth.get(role, 0.0), 0.0) / voxels:.1f}"
+    def per_voxel(runs: list[Memory], role: str) -> str:
+        return (
+            f"{statistics.median(max(m.own_growth.get(role, 0.0), 0.0) for m in runs) / voxels:.0f}"
+        )
 
-    rows = "\n".join(
-        f"| {i + 1} | {p.floor_s:.1f} s | {p.infer_s:.1f} s | {p.network_s:.1f} s | "
-        f"{p.runner_s:.1f} s | {p.floor_memory.growth / mib:.0f} MiB | "
-        f"{p.infer_memory.growth / mib:.0f} MiB |"
-        for i, p in enumerate(pairs)
-    )
-    memory_rows = "\n".join(
-        f"| {role} | {statistics.median(float(per_voxel(p.infer_memory, role)) for p in pairs):.1f}"
-        f" | {per_voxel(infer_proba, role)} |"
+    roles = ("SegmentationService", "ModelRunner")
+    memory_rows = [
+        f"| {role} | {per_voxel(infer, role)} | {per_voxel(memory['infer'][-1:], role)} |"
         for role in roles
-    )
-    floor_row = (
-        f"| floor (nnU-Net alone) | "
-        f"{statistics.median(p.floor_memory.growth / voxels for p in pairs):.1f} | "
-        f"{floor_proba.growth / voxels:.1f} |"
-    )
+    ]
+    memory_rows += [
+        f"| both services, PSS summed | {statistics.median(m.growth for m in infer) / voxels:.0f} "
+        f"| {memory['infer'][-1].growth / voxels:.0f} |",
+        f"| floor (nnU-Net alone) | {statistics.median(m.growth for m in floor) / voxels:.0f} | "
+        f"{memory['floor'][-1].growth / voxels:.0f} |",
+    ]
     lines = [
-        SECTION + " (`scripts/bench/scale.py`)",
+        f"{SECTION} (`scripts/bench/scale.py`)",
         "",
         f"`{args.model}` model, folds {args.folds}, mirroring {'on' if args.tta else 'off'}, "
-        f"the demo T2 tiled {'x'.join(map(str, args.tile))} (z, y, x) ({voxels / 1e6:.2f} M "
-        f"voxels at the model's "
-        f"spacing), {name}, {time.strftime('%Y-%m-%d')}. Command: "
-        f"`.venv/bin/python scripts/bench/scale.py{' --write' if args.write else ''}`. "
-        f"Floor: a warm process running read + `predict_single_npy_array` + write; pairs "
-        f"interleaved; memory is PSS summed over all processes, sampled at {hz:.0f} Hz or more.",
+        f"the demo T2 tiled {'x'.join(map(str, args.tile))} (z, y, x): {voxels / 1e6:.2f} M "
+        f"voxels at the model's spacing; {_device_name(args.device)}, "
+        f"{time.strftime('%Y-%m-%d')}. Command: `.venv/bin/python scripts/bench/scale.py "
+        f"--repeats {args.repeats}`. The floor is a warm process running read + "
+        "`predict_single_npy_array` + write. Timing pairs are interleaved and unsampled; "
+        "memory is measured on separate runs, PSS summed over all processes (shared memory "
+        f"segments counted once, mapped or not), sampled at "
+        f"{hz:.0f} Hz or more, growth from 1.5 s of idle to the peak.",
         "",
-        "| pair | floor | warm `/infer` | sliding window (floor) | runner busy "
-        "| floor memory growth | `/infer` memory growth |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
-        rows,
+        "| pair | floor | warm `/infer` | sliding window (floor) | runner busy |",
+        "| --- | --- | --- | --- | --- |",
+        *timing_rows,
         "",
         f"- Latency: `/infer` / floor = **{ratio_range(latency)}** (goal <= 1.05).",
-        f"- Memory growth, idle to peak, all processes of the server / the floor process = "
-        f"**{ratio_range(growth)}** (goal <= 1.0); the sum of each process's own growth = "
-        f"{ratio_range(own)}; absolute peaks = {ratio_range(peak)}.",
         f"- Runner busy time / sliding window alone = **{ratio_range(busy)}** (goal <= 1.15).",
+        f"- Memory growth, all processes of the server / the floor process = "
+        f"**{ratio_range(growth)}** (goal <= 1.0; {infer[0].growth / mib:.0f} MiB against "
+        f"{floor[0].growth / mib:.0f} MiB); the sum of each process's own growth / the floor "
+        f"= {ratio_range(own)}; absolute peaks = {ratio_range(peak)}.",
     ]
     if queued is not None:
         infer_queued_s, files_s, gpu_busy = queued
         gpu_text = "" if gpu_busy is None else f"; GPU busy {gpu_busy:.0%} of the queued run"
         lines.append(
-            f"- Throughput, 4 cases queued at once: `/infer` {infer_queued_s:.1f} s, "
+            f"- Throughput, 4 different cases queued at once: `/infer` {infer_queued_s:.1f} s, "
             f"`predict_from_files` (2 preprocessing + 2 export workers) {files_s:.1f} s: "
             f"**{files_s / infer_queued_s:.2f}** (goal >= 1.0){gpu_text}."
         )
     lines += [
         "",
-        "Peak memory growth per input voxel, in bytes (idle to peak of each process's PSS; "
-        "the second column with `save_proba_map` for all labels):",
+        "Memory growth per input voxel, in bytes (idle to peak PSS; a service's row is its own "
+        "peak; with probabilities: `save_proba_map` of all foreground labels):",
         "",
         "| process | labels only | with probabilities |",
         "| --- | --- | --- |",
-        memory_rows,
-        floor_row,
+        *memory_rows,
         "",
     ]
     return "\n".join(lines)

@@ -57,8 +57,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--engine",
         choices=ENGINES,
-        help="container engine; default: docker if its daemon answers, else podman, "
-        "else buildah",
+        help="container engine; default: docker if its daemon answers, else podman, else buildah",
     )
     parser.add_argument(
         "--base-image",
@@ -266,9 +265,7 @@ def write_dockerfile(bento_tag: str, path: Path) -> None:
     here = os.getcwd()
     os.chdir(containerize_cwd())
     try:
-        bentoml.container.get_containerfile(
-            bento_tag, output_path=str(path), enable_buildkit=True
-        )
+        bentoml.container.get_containerfile(bento_tag, output_path=str(path), enable_buildkit=True)
     finally:
         os.chdir(here)
 
@@ -343,10 +340,7 @@ def main(argv: list[str] | None = None) -> int:
             )
     timings: dict[str, float] = {}
     start = time.monotonic()
-    if args.bento:
-        bento_tag = args.bento
-    else:
-        bento_tag = build_bento(variant_bentofile(args))
+    bento_tag = args.bento or build_bento(variant_bentofile(args))
     timings["bento"] = time.monotonic() - start
     log(f"Bento {bento_tag}")
     if args.dockerfile_only is not None:

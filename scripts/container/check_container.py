@@ -4,7 +4,7 @@
 - /infer by mounted path, through bentoml.SyncHTTPClient, gives the labels (and the grid)
   of in-process `nnunet-bento predict` on the same input and folds, voxel for voxel;
 - a path outside the image's roots is refused (403);
-- /infer_file, if the image has it (not checked yet: the route has not landed);
+- /infer_file, if the image has it: the demo study uploaded as a zip gives the same labels;
 - scripts/docker-run runs `nnunet-bento predict` in the same image, with the same labels.
 
 Prints what it checked to stderr and one JSON line of per-check seconds to stdout; exits
@@ -14,11 +14,13 @@ non-zero at the first failed check.
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import shlex
 import subprocess
 import sys
 import time
+import zipfile
 from pathlib import Path
 
 import httpx
@@ -62,6 +64,32 @@ def same_labels(expected: Path, actual: Path) -> None:
         f"{actual} equals {expected} voxel for voxel (labels {np.unique(x).tolist()}, "
         f"{differing} of {x.size} voxels differ)",
     )
+
+
+def check_upload(args: argparse.Namespace, expected: Path) -> None:
+    """/infer_file: the demo study as a zip, the request as a field; the answer is a zip of
+    the outputs whose prediction equals in-process predict's."""
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        for path in sorted((REPO / "examples/study").rglob("*")):
+            if path.is_file():
+                archive.write(path, path.relative_to(REPO / "examples/study").as_posix())
+    fields = {"nnunet_id": "organ2d", "series_folders": ["T2"], "use_folds": [0], "tta": True}
+    with httpx.Client(base_url=args.url, timeout=600) as http:
+        answer = http.post(
+            "/infer_file",
+            headers={"Authorization": f"Bearer {args.token}"},
+            files={"archive": ("study.zip", buffer.getvalue(), "application/zip")},
+            data={"request": json.dumps(fields)},
+        )
+    failed = "" if answer.status_code == 200 else f" {answer.text[:300]}"
+    check(answer.status_code == 200, f"/infer_file: {answer.status_code}{failed}")
+    out = args.work / "upload"
+    with zipfile.ZipFile(io.BytesIO(answer.content)) as result:
+        result.extractall(out)
+    response = json.loads((out / "response.json").read_text())
+    check(response["status"] == "done", "/infer_file: response.json says done")
+    same_labels(expected, out / "stage_0" / "prediction.nii.gz")
 
 
 def in_process(model_folder: str, series: list[str], folds: list[int], out: Path) -> Path:
@@ -112,13 +140,10 @@ def main() -> int:
             expected = {model["id"] for model in spec["models"]}
             models = info.json()
             check(set(models) == expected, f"/model_info lists {sorted(expected)}")
-            check(
-                all(models[m]["available"] for m in expected), "every demo model is available"
-            )
-            schema = http.get("/docs.json", headers={"Authorization": f"Bearer {args.token}"})
-            has_upload = schema.status_code == 200 and "/infer_file" in schema.json().get(
-                "paths", {}
-            )
+            check(all(models[m]["available"] for m in expected), "every demo model is available")
+            # The upload route lives on the mounted app: probe it (404 where it is absent).
+            probe = http.post("/infer_file", headers={"Authorization": f"Bearer {args.token}"})
+            has_upload = probe.status_code != 404
         timed("model_info", started)
 
         client = bentoml.SyncHTTPClient(args.url, token=args.token, timeout=600)
@@ -160,7 +185,9 @@ def main() -> int:
             client.close()
 
         if has_upload:
-            print("  note: /infer_file is served; no check for it yet", file=sys.stderr)
+            started = time.monotonic()
+            check_upload(args, args.work / "inproc-organ2d" / "prediction.nii.gz")
+            timed("infer_file", started)
         else:
             print("  skipped: /infer_file (the upload route has not landed)", file=sys.stderr)
 

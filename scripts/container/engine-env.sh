@@ -11,7 +11,8 @@
 CACHE_DIR=${CACHE_DIR:-${NNUNET_BENTO_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/nnunet-bento}}
 export CACHE_DIR
 _conf_template="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/containers.conf.in"
-if [ -z "${CONTAINERS_CONF:-}" ]; then
+# Ours when unset or when it is our file (a script sourced from one that sourced this).
+if [ -z "${CONTAINERS_CONF:-}" ] || [ "$CONTAINERS_CONF" = "$CACHE_DIR/containers.conf" ]; then
   NNUNET_BENTO_OWN_CONF=1
   export CONTAINERS_CONF="$CACHE_DIR/containers.conf"
   if [ ! -s "$CONTAINERS_CONF" ]; then

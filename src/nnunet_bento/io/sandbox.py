@@ -96,8 +96,9 @@ class PathRoots:
         return path
 
     def output_shown(self, resolved: Path, value: str) -> str:
-        """How errors name an output folder: relative to the output root, else as given."""
-        if self.output_root is None:
+        """How errors name an output folder: relative to the output root, else (no root, or
+        one of our work folders) as given."""
+        if self.output_root is None or not resolved.is_relative_to(self.output_root):
             return value
         relative = resolved.relative_to(self.output_root).as_posix()
         return f"{relative} (under the output root)" if relative != "." else "the output root"

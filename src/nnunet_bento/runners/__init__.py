@@ -1,1 +1,2 @@
-"""One runner per nnU-Net model: warm predictors, device choice, prediction."""
+"""nnU-Net prediction split in two: the CPU steps (preprocessing, export) and the network
+step in warm predictors; device choice; what crosses between the two."""

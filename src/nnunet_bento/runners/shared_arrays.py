@@ -6,6 +6,7 @@ The other process maps it by its path under /dev/shm; a name it cannot open mean
 runs on another host, and the arrays must travel inline.
 """
 
+import re
 import secrets
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -17,6 +18,7 @@ import numpy as np
 
 SHM_DIR = Path("/dev/shm")
 PREFIX = "nnunet_bento_"
+NAME = re.compile(rf"{PREFIX}[0-9a-f]{{16}}")
 
 
 class SharedArrayMissing(Exception):
@@ -67,7 +69,10 @@ def attach(ref: SharedArrayRef, mode: str = "c") -> np.ndarray:
     """The array in a segment, mapped without a copy: ``c`` copy-on-write, ``r+`` to write.
 
     The mapping lives as long as the array (and views of it); unlinking does not end it.
+    Only names that shared_empty makes are opened.
     """
+    if not NAME.fullmatch(ref.name):
+        raise ValueError(f"{ref.name!r} is not the name of one of our shared memory segments")
     try:
         return np.memmap(ref.path, dtype=np.dtype(ref.dtype), mode=mode, shape=ref.shape)
     except FileNotFoundError:

@@ -26,6 +26,7 @@ from typing import Any
 from pydantic import ValidationError
 from starlette.background import BackgroundTask
 from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, Response
 
@@ -99,7 +100,10 @@ async def receive_upload(request: Request, settings: ServeSettings) -> tuple[Upl
     declared = int(request.headers.get("content-length") or 0)
     if declared > limits.max_upload_bytes + CHUNK:
         raise TooLargeError(upload_too_large(settings))
-    form = await request.form(max_files=1, max_fields=1, max_part_size=CHUNK)
+    try:
+        form = await request.form(max_files=1, max_fields=2, max_part_size=CHUNK)
+    except HTTPException as error:
+        raise RequestError(f"the multipart body cannot be read: {error.detail}") from None
     try:
         archive, fields = form.get("archive"), form.get("request")
         if not isinstance(archive, UploadFile):
@@ -158,9 +162,22 @@ def request_fields(text: str) -> dict[str, Any]:
     return fields
 
 
+def study_root(upload: Upload, fields: dict[str, Any]) -> Path:
+    """The archive's root, or its one top folder (a zipped study folder) when the series the
+    request names are not at the root."""
+    extracted = upload.folder / "study"
+    series = fields.get("series_folders") or []
+    names = [name for item in series for name in (item if isinstance(item, list) else [item])]
+    strings = [name for name in names if isinstance(name, str)]
+    if strings and all((extracted / name).exists() for name in strings):
+        return extracted
+    return upload.study
+
+
 def upload_request(upload: Upload, fields: dict[str, Any]) -> InferenceRequest:
     """The /infer request for an extracted upload."""
-    body = {**fields, "study_path": str(upload.study), "output_dir": str(upload.output)}
+    study = study_root(upload, fields)
+    body = {**fields, "study_path": str(study), "output_dir": str(upload.output)}
     try:
         return InferenceRequest.model_validate(body)
     except ValidationError as error:
@@ -173,7 +190,7 @@ def relative_response(response: InferenceResponse, upload: Upload) -> dict[str, 
     for key in ("study_path", "output_dir", "overwrite"):
         record["request"].pop(key, None)
     text = json.dumps(record)
-    for folder in (upload.output, upload.study):
+    for folder in (upload.output, upload.study, upload.folder / "study"):
         text = text.replace(f"{folder}/", "").replace(str(folder), ".")
     return json.loads(text)
 
@@ -246,8 +263,14 @@ class RemoteRoutes:
         record = self.jobs.create(kind)
         task = asyncio.create_task(self.run_job(record.job_id, inference, upload))
         self.tasks.add(task)
-        task.add_done_callback(self.tasks.discard)
+        task.add_done_callback(self.job_ended)
         return JSONResponse({"job_id": record.job_id, "status": record.status}, status_code=202)
+
+    def job_ended(self, task: asyncio.Task) -> None:
+        """Forget the task; a job that broke outside its own error handling is logged."""
+        self.tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            logger.error("a job failed outside its error handling", exc_info=task.exception())
 
     async def run_job(
         self, job_id: str, inference: InferenceRequest, upload: Upload | None
@@ -266,7 +289,7 @@ class RemoteRoutes:
             async with self.service.admission.slot():
                 if not self.jobs.start(job_id):
                     return
-                response = await self.service.run_pipeline(inference, on_step, check)
+                response = await self.service.run_admitted(inference, on_step, check)
             if upload is None:
                 self.jobs.finish(job_id, response.model_dump(mode="json"))
             else:

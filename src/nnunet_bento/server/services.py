@@ -148,7 +148,17 @@ class SegmentationServiceBase:
         on_step: StepCallback | None = None,
         check: Callable[[], None] | None = None,
     ) -> InferenceResponse:
-        """Run the request in a worker thread once a pipeline slot is free, with a deadline
+        """Run the request once a pipeline slot is free."""
+        async with self.admission.slot():
+            return await self.run_admitted(request, on_step, check)
+
+    async def run_admitted(
+        self,
+        request: InferenceRequest,
+        on_step: StepCallback | None = None,
+        check: Callable[[], None] | None = None,
+    ) -> InferenceResponse:
+        """Run the request, which holds a pipeline slot, in a worker thread with a deadline
         and ``check`` (e.g. a job's cancellation) at each step boundary."""
         deadline = deadline_check(self.settings.nnunet_bento_request_timeout_s)
 
@@ -157,8 +167,7 @@ class SegmentationServiceBase:
             if check is not None:
                 check()
 
-        async with self.admission.slot():
-            return await anyio.to_thread.run_sync(self.pipeline.run, request, on_step, checks)
+        return await anyio.to_thread.run_sync(self.pipeline.run, request, on_step, checks)
 
     def failure(self, request: InferenceRequest, error: Exception) -> JSONResponse:
         return self.failure_for(request.nnunet_id, error)
