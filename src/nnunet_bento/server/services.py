@@ -34,6 +34,7 @@ from .remote_routes import REMOTE_ROUTES, UPLOAD_PATHS, RemoteRoutes
 from .runner_service import RemotePredictor
 
 logger = logging.getLogger("nnunet_bento")
+DEVICE_QUERY_S = 0.5
 
 
 def load_registry_or_exit(settings: ServeSettings) -> Registry:
@@ -198,11 +199,13 @@ class SegmentationServiceBase:
         return await self.describe_models()
 
     async def describe_models(self) -> dict[str, Any]:
-        """The /model_info body; the runner's device is asked once and remembered."""
+        """The /model_info body; the runner's device is asked once and remembered (a runner
+        busy with a first inference answers later: until then the device is "unknown")."""
         if self.device is None:
-            self.device = (await self.runner.to_async.device_info())["device"]
+            with anyio.move_on_after(DEVICE_QUERY_S):
+                self.device = (await self.runner.to_async.device_info())["device"]
         info: dict[str, Any] = {
-            model.id: {**model.info(), "available": True, "device": self.device}
+            model.id: {**model.info(), "available": True, "device": self.device or "unknown"}
             for model in self.registry.models.values()
         }
         for model_id, reason in self.registry.disabled.items():
