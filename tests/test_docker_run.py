@@ -6,6 +6,8 @@ import subprocess
 
 from conftest import REPO
 
+from nnunet_bento.cli.docker_run import docker_command
+
 
 def test_dry_run_mounts_every_path_and_passes_every_flag(tmp_path):
     out = tmp_path / "out"
@@ -81,3 +83,14 @@ def test_dry_run_mounts_every_path_and_passes_every_flag(tmp_path):
         "--log_file",
         f"/data/5/{tmp_path.name}/job.json",
     ]
+
+
+def test_podman_gets_the_gpus_as_a_cdi_device(tmp_path):
+    series = tmp_path / "T2.nii.gz"
+    series.write_bytes(b"")
+    command = docker_command(
+        ["-c", "img", "--engine", "podman", "-i", str(series), "-m", "organ", "-o", str(tmp_path)]
+    )
+    assert command[:2] == ["podman", "run"]
+    assert command[command.index("--device") + 1] == "nvidia.com/gpu=all"
+    assert "--gpus" not in command and "--engine" not in command

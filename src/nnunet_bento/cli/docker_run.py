@@ -35,6 +35,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_predict_arguments(parser)
     parser.add_argument("--container", "-c", required=True, help="Docker image to run")
     parser.add_argument("--gpus", default="all", help="value of docker run --gpus ('' for none)")
+    parser.add_argument(
+        "--engine",
+        choices=["docker", "podman"],
+        default=os.environ.get("NNUNET_BENTO_ENGINE", "docker"),
+        help="container engine (default: NNUNET_BENTO_ENGINE or docker); podman takes the GPUs "
+        "as CDI devices (nvidia.com/gpu=...)",
+    )
     parser.add_argument("--dry-run", action="store_true", help="print the command, run nothing")
     return parser
 
@@ -71,7 +78,7 @@ def predict_argv(
     """The predict command line for the container, host paths replaced by mounted ones."""
     argv = []
     for action in parser._actions:
-        if action.dest in ("help", "container", "gpus", "dry_run"):
+        if action.dest in ("help", "container", "gpus", "dry_run", "engine"):
             continue
         value = getattr(args, action.dest)
         flag = action.option_strings[0]
@@ -101,19 +108,25 @@ def predict_argv(
     return argv
 
 
+def gpu_options(engine: str, gpus: str) -> list[str]:
+    """Docker's --gpus, or podman's CDI device for the same GPUs."""
+    if not gpus:
+        return []
+    return ["--gpus", gpus] if engine == "docker" else ["--device", f"nvidia.com/gpu={gpus}"]
+
+
 def docker_command(argv: list[str]) -> list[str]:
     """The whole `docker run` command for these predict flags."""
     parser = build_parser()
     args = parser.parse_args(argv)
     mounts = Mounts()
     inner = predict_argv(args, parser, mounts)
-    gpus = ["--gpus", args.gpus] if args.gpus else []
     user = ["--user", f"{os.getuid()}:{os.getgid()}"]
     return [
-        "docker",
+        args.engine,
         "run",
         "--rm",
-        *gpus,
+        *gpu_options(args.engine, args.gpus),
         *user,
         *mounts.options(),
         "--entrypoint",
