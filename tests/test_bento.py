@@ -147,7 +147,7 @@ def test_runner_and_api_service_scaled_apart(imported_models, demo_study, tmp_pa
                 output_dir=str(tmp_path / "out"),
             )
             assert Path(response["nifti_prediction"][0]).is_file()
-        assert "path=/predict" in runner_log.read_text(), "the API service used the remote runner"
+        assert "path=/run_network" in runner_log.read_text(), "the API used the remote runner"
         assert "ModelRunner initialized" not in (tmp_path / "api.log").read_text()
     finally:
         os.killpg(runner.pid, signal.SIGTERM)
