@@ -83,7 +83,8 @@ def test_failure_prints_one_line_exits_1_and_reports_it(demo_study, tmp_path):
     assert failed.returncode == 1
     assert failed.stderr.strip().splitlines()[-1].startswith("nnunet-bento predict: error: ")
     assert "Traceback" not in failed.stderr
-    assert received[0]["status"] == "failure" and "absent" in received[0]["output_error"]
+    assert [body["status"] for body in received] == ["running", "failure"]
+    assert "absent" in received[-1]["output_error"]
     assert json.loads(log.read_text())["job_id"] == "kept"
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
 

@@ -177,7 +177,8 @@ def test_get_model_info_is_the_registry_without_server_paths(served):
 def test_get_request_params_is_the_request_schema(served):
     schema = httpx.get(f"{served.url}/request-params").json()
     assert schema == InferenceRequest.model_json_schema()
-    assert {"nnunet_id", "study_path", "output_dir"} <= set(schema["required"])
+    assert set(schema["required"]) == {"nnunet_id", "output_dir"}
+    assert {"study_path", "dicom_source", "push_to", "overwrite"} <= set(schema["properties"])
 
 
 def test_seed_curl_example_body_works_unchanged(served, study, tmp_path):

@@ -4,6 +4,7 @@ paths out of the roots, no token, foreign origins, other content types, server p
 import json
 import os
 import shutil
+import time
 from pathlib import Path
 
 import httpx
@@ -67,7 +68,7 @@ def post(served, body: dict, headers: dict | None = None, **kwargs) -> httpx.Res
 
 def assert_still_serving(served, area: Path, name: str) -> None:
     """A valid request right after an attack succeeds."""
-    response = post(served, valid_body(area, name), timeout=300)
+    response = post(served, valid_body(area, f"{name}-{time.monotonic_ns()}"), timeout=300)
     assert response.status_code == 200, response.text
     assert Path(response.json()["nifti_prediction"][0]).is_file()
 

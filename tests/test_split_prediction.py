@@ -212,3 +212,12 @@ def test_logits_of_another_shape_or_dtype_travel_inline(no_leaked_segments):
 def test_only_our_segment_names_are_opened():
     with pytest.raises(ValueError, match="not the name of one of our shared memory segments"):
         attach(SharedArrayRef("../../etc/passwd", (1,), "<f4"))
+
+
+def test_the_runner_frees_a_shared_input_before_it_writes_the_logits(runners, no_leaked_segments):
+    data = np.random.default_rng(0).normal(size=(1, 24, 48, 48)).astype(np.float32)
+    job = NetworkJob("organ", (0,), "checkpoint_final.pth", False, data)
+    with shared_copy(data) as ref, shared_empty((3, 24, 48, 48), np.float16) as out:
+        assert runners.run_network(replace(job, data=ref, logits_out=out)).logits is None
+        assert ref.path.stat().st_size == 0
+        np.testing.assert_array_equal(attach(out), runners.run_network(job).logits)
