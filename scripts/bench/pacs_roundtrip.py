@@ -35,12 +35,13 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
     os.environ.setdefault("BENTOML_HOME", tempfile.mkdtemp(prefix="bench-store-"))
-    from conftest import bentoml_serve
+    from conftest import DEMO_MODELS, bentoml_serve
     from orthanc import orthanc
 
     from nnunet_bento.catalog.store import import_model
 
-    import_model(REPO / "examples" / "models" / "organ", "organ")
+    for name in DEMO_MODELS:
+        import_model(REPO / "examples" / "models" / name, name)
     work = Path(tempfile.mkdtemp(prefix="bench-pacs-"))
     first = pydicom.dcmread(min((MR / "T2").glob("*.dcm")), stop_before_pixels=True)
     common = {"nnunet_id": "organ", "is_dicom": True, "overwrite": True}
