@@ -20,7 +20,7 @@ from .protocol import (
     PredictionResult,
     RunnerFailure,
 )
-from .shared_arrays import SharedArrayMissing, SharedArrayRef, attach
+from .shared_arrays import SharedArrayMissing, SharedArrayRef, attach, release
 from .split import SplitPredictor
 from .trainer_lookup import find_trainer_class
 
@@ -118,7 +118,8 @@ class RunnerSet:
 
     def run_network(self, job: NetworkJob) -> NetworkResult:
         """The sliding window of the job's folds over its preprocessed array, as
-        predict_logits_from_preprocessed_data runs it."""
+        predict_logits_from_preprocessed_data runs it; a shared input's pages are freed
+        before the logits are written."""
         import torch
 
         data = torch.from_numpy(received(job.data))
@@ -128,6 +129,8 @@ class RunnerSet:
         logits = predictor.predict_logits_from_preprocessed_data(data).cpu().numpy()
         seconds = time.perf_counter() - started
         del data
+        if isinstance(job.data, SharedArrayRef):
+            release(job.data)
         return NetworkResult(delivered(logits, job.logits_out), device, seconds)
 
     def run_network_or_failure(self, job: NetworkJob) -> NetworkResult | RunnerFailure | NotShared:

@@ -6,10 +6,11 @@ The other process maps it by its path under /dev/shm; a name it cannot open mean
 runs on another host, and the arrays must travel inline.
 """
 
+import os
 import re
 import secrets
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from multiprocessing.shared_memory import SharedMemory
 from pathlib import Path
@@ -35,6 +36,9 @@ class SharedArrayRef:
 
     @property
     def path(self) -> Path:
+        """The segment's file; only names that shared_empty makes are accepted."""
+        if not NAME.fullmatch(self.name):
+            raise ValueError(f"{self.name!r} is not the name of one of our shared memory segments")
         return SHM_DIR / self.name
 
 
@@ -65,14 +69,18 @@ def shared_copy(array: np.ndarray) -> Iterator[SharedArrayRef]:
         yield ref
 
 
+def release(ref: SharedArrayRef) -> None:
+    """Free a segment's pages now, once its receiver has unmapped it; the owner still
+    unlinks the (empty) segment."""
+    with suppress(FileNotFoundError):
+        os.truncate(ref.path, 0)
+
+
 def attach(ref: SharedArrayRef, mode: str = "c") -> np.ndarray:
     """The array in a segment, mapped without a copy: ``c`` copy-on-write, ``r+`` to write.
 
     The mapping lives as long as the array (and views of it); unlinking does not end it.
-    Only names that shared_empty makes are opened.
     """
-    if not NAME.fullmatch(ref.name):
-        raise ValueError(f"{ref.name!r} is not the name of one of our shared memory segments")
     try:
         return np.memmap(ref.path, dtype=np.dtype(ref.dtype), mode=mode, shape=ref.shape)
     except FileNotFoundError:

@@ -52,6 +52,7 @@ class SplitPredictor:
             )
 
     def plans(self, job: PredictionJob) -> ModelPlans:
+        """The plans of the configuration the job's first fold was trained with (cached)."""
         with self._lock:
             return model_plans(self.folders[job.model_id], job.folds[0], job.checkpoint_name)
 

@@ -4,6 +4,7 @@ service.py builds the concrete class from this base, with the registry and the M
 dependency as class attributes.
 """
 
+import asyncio
 import logging
 import sys
 from collections.abc import Awaitable, Callable
@@ -130,6 +131,7 @@ class SegmentationServiceBase:
         ):
             logger.warning("removed the staging folder %s of an interrupted request", folder)
         self.device: str | None = None
+        self.device_query: asyncio.Future | None = None
         self.get_routes.state.service = self
         self.get_routes.state.remote = RemoteRoutes(self)
 
@@ -199,11 +201,12 @@ class SegmentationServiceBase:
         return await self.describe_models()
 
     async def describe_models(self) -> dict[str, Any]:
-        """The /model_info body; the runner's device is asked once and remembered (a runner
-        busy with a first inference answers later: until then the device is "unknown")."""
-        if self.device is None:
-            with anyio.move_on_after(DEVICE_QUERY_S):
-                self.device = (await self.runner.to_async.device_info())["device"]
+        """The /model_info body. The runner's device is asked once, waiting half a second at
+        most: a runner busy with a first inference answers later, and until then the device
+        is "unknown"."""
+        if self.device is None and (self.device_query is None or self.device_query.done()):
+            self.device_query = asyncio.ensure_future(self.query_device())
+            await asyncio.wait({self.device_query}, timeout=DEVICE_QUERY_S)
         info: dict[str, Any] = {
             model.id: {**model.info(), "available": True, "device": self.device or "unknown"}
             for model in self.registry.models.values()
@@ -211,6 +214,13 @@ class SegmentationServiceBase:
         for model_id, reason in self.registry.disabled.items():
             info[model_id] = {"id": model_id, "available": False, "error": reason}
         return info
+
+    async def query_device(self) -> None:
+        """Ask the runner which device runs the models (it may be busy for a while)."""
+        try:
+            self.device = (await self.runner.to_async.device_info())["device"]
+        except Exception as error:
+            logger.warning("cannot ask the model runner for its device: %s", error)
 
     @bentoml.api(route="/dicom-nodes")
     async def dicom_nodes_info(self) -> list[dict[str, str]]:
