@@ -42,6 +42,7 @@ def main() -> None:
             save_proba_map=True,
             proba_threshold=0.1,
             save_preview=True,
+            overwrite=True,
         )
         predicted = labels_of(response["nifti_prediction"][0])
         expected = labels_of(STUDY / "labels" / f"{truth}.nii.gz")
@@ -63,6 +64,7 @@ def main() -> None:
         cascade_mode="crop",
         save_rt_struct_output=True,
         save_preview=True,
+        overwrite=True,
     )
     written = cascade["dicom_segmentation"] + cascade["dicom_struct"] + cascade["preview"]
     print(f"DICOM organ -> lesion cascade: {', '.join(written)}")
