@@ -1,8 +1,8 @@
 """The split prediction (preprocess here, network in the runner, export here) equals
 nnUNetPredictor, and its shared memory segments never outlive a job."""
 
-import os
 from dataclasses import replace
+from multiprocessing.shared_memory import SharedMemory
 
 import numpy as np
 import pytest
@@ -10,6 +10,7 @@ import SimpleITK as sitk
 
 from nnunet_bento.errors import DeviceUnavailableError
 from nnunet_bento.io.images import image_file_in, read_image, to_nnunet_input
+from nnunet_bento.runners import shared_arrays
 from nnunet_bento.runners.device import DeviceSelector
 from nnunet_bento.runners.nnunet_runner import RunnerModel, RunnerSet, delivered, load_predictor
 from nnunet_bento.runners.protocol import (
@@ -39,6 +40,12 @@ CASES = {
 }
 
 
+@pytest.fixture(autouse=True)
+def shared_memory_on(monkeypatch: pytest.MonkeyPatch) -> None:
+    """This module tests the shared-memory path, which a server turns on by this setting."""
+    monkeypatch.setenv("NNUNET_BENTO_SHARED_MEMORY", "1")
+
+
 @pytest.fixture(scope="module")
 def inputs(demo_study):
     """The demo series as the pipeline reads them; ADC lands on T2's grid."""
@@ -52,12 +59,19 @@ def runners(demo_model_dirs) -> RunnerSet:
 
 
 @pytest.fixture
-def no_leaked_segments():
-    """Fails the test when it leaves one of our shared memory segments behind."""
-    before = set(os.listdir(SHM_DIR))
+def no_leaked_segments(monkeypatch):
+    """Fails the test when a segment it made outlives it (other processes' are ignored)."""
+    made: list[str] = []
+
+    class Recorded(SharedMemory):
+        def __init__(self, name: str, create: bool, size: int) -> None:
+            super().__init__(name, create, size)
+            made.append(self.name)
+
+    monkeypatch.setattr(shared_arrays, "SharedMemory", Recorded)
     yield
-    leaked = {name for name in set(os.listdir(SHM_DIR)) - before if name.startswith(PREFIX)}
-    assert leaked == set()
+    assert made, "the test made no shared memory segment"
+    assert [name for name in made if (SHM_DIR / name).exists()] == []
 
 
 def prediction_job(model, inputs, folds, tta, series, labels=(1, 2)) -> PredictionJob:

@@ -56,6 +56,11 @@ class ServeSettings(BaseSettings):
     nnunet_bento_dicom_nodes: Path | None = Field(
         None, description="YAML file of the DICOM nodes that requests may name."
     )
+    nnunet_bento_shared_memory: bool = Field(
+        False,
+        description="Pass arrays to a ModelRunner on the same host through shared memory "
+        "instead of the socket (experimental: off until it holds under concurrent requests).",
+    )
     nnunet_bento_work_dir: Path = Field(
         Path(tempfile.gettempdir()) / "nnunet-bento",
         description="Our work folder: output locks, staging records, uploads, job records.",

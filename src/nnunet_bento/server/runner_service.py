@@ -7,6 +7,7 @@ import re
 from dataclasses import replace
 from typing import Any
 
+import aiohttp
 import bentoml
 import numpy as np
 
@@ -86,7 +87,7 @@ class RemotePredictor:
         self.split = SplitPredictor(
             {model.id: model.folder for model in registry.models.values()},
             self.run_network,
-            shared=shared_memory_available(),
+            shared=load_settings().nnunet_bento_shared_memory and shared_memory_available(),
         )
 
     def predict(self, job: PredictionJob) -> PredictionResult:
@@ -109,4 +110,10 @@ class RemotePredictor:
         return outcome
 
     def _call(self, job: NetworkJob) -> NetworkResult | RunnerFailure | NotShared:
-        return from_wire(self.runner.run_network(job=to_wire(job)))
+        """One network step; sent again once when the runner closed a kept-alive connection
+        just as the request went out (the step has no side effects, so a repeat is safe)."""
+        try:
+            return from_wire(self.runner.run_network(job=to_wire(job)))
+        except aiohttp.ServerDisconnectedError as error:
+            logger.warning("the model runner closed the connection (%s); sending again", error)
+            return from_wire(self.runner.run_network(job=to_wire(job)))
