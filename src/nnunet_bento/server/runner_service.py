@@ -7,7 +7,6 @@ import re
 from dataclasses import replace
 from typing import Any
 
-import aiohttp
 import bentoml
 import numpy as np
 
@@ -110,10 +109,4 @@ class RemotePredictor:
         return outcome
 
     def _call(self, job: NetworkJob) -> NetworkResult | RunnerFailure | NotShared:
-        """One network step; sent again once when the runner closed a kept-alive connection
-        just as the request went out (the step has no side effects, so a repeat is safe)."""
-        try:
-            return from_wire(self.runner.run_network(job=to_wire(job)))
-        except aiohttp.ServerDisconnectedError as error:
-            logger.warning("the model runner closed the connection (%s); sending again", error)
-            return from_wire(self.runner.run_network(job=to_wire(job)))
+        return from_wire(self.runner.run_network(job=to_wire(job)))
