@@ -90,3 +90,15 @@ def test_the_network_step_returns_logits_in_nnunets_dtype(demo_model_dirs, t2_in
     result = runner_set(demo_model_dirs).run_network(network_job)
     assert result.logits.dtype == np.float16 and result.logits.shape == (3, 24, 48, 48)
     assert result.device == "cpu" and result.seconds > 0
+
+
+def test_the_api_never_renews_its_connections_to_the_runner():
+    """BentoML closes a renewed connection pool with the calls in flight on it: with a short
+    max_age, a request's network step died when another request called the runner."""
+    from nnunet_bento.server.runner_service import runner_config
+    from nnunet_bento.settings import load_settings
+
+    settings = load_settings()
+    connection = runner_config(settings)["runner_connection"]
+    assert connection["max_age"] > 1000 * settings.nnunet_bento_request_timeout_s
+    assert connection["max_requests"] > 2**40

@@ -1,12 +1,18 @@
 """The split prediction (preprocess here, network in the runner, export here) equals
-nnUNetPredictor, and its shared memory segments never outlive a job."""
+nnUNetPredictor, its shared memory segments never outlive a job, and concurrent requests
+hold through a real server."""
 
+import subprocess
+import sys
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from multiprocessing.shared_memory import SharedMemory
 
 import numpy as np
 import pytest
 import SimpleITK as sitk
+from conftest import REPO, bentoml_serve
 
 from nnunet_bento.errors import DeviceUnavailableError
 from nnunet_bento.io.images import image_file_in, read_image, to_nnunet_input
@@ -235,3 +241,95 @@ def test_the_runner_frees_a_shared_input_before_it_writes_the_logits(runners, no
         assert runners.run_network(replace(job, data=ref, logits_out=out)).logits is None
         assert ref.path.stat().st_size == 0
         np.testing.assert_array_equal(attach(out), runners.run_network(job).logits)
+
+
+@pytest.mark.slow
+def test_two_pipelines_hold_past_the_runner_clients_renewal(tmp_path, demo_model_dirs):
+    """Two requests at a time through shared memory for more runner calls than BentoML's
+    default renewal of its connection pool (100), which dropped the call in flight."""
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(
+        f"model_folder: {demo_model_dirs['organ'].parent}\nmodels:\n"
+        "  - {id: organ, rel_path: organ}\n  - {id: organ2d, rel_path: organ2d}\n"
+    )
+    env = {"NNUNET_BENTO_SHARED_MEMORY": "1"}
+    with bentoml_serve(spec, tmp_path / "serve.log", env=env) as served:
+
+        def infer(name: str, model: str, folds: list[int], tta: bool) -> str:
+            client = type(served.client)(served.url, server_ready_timeout=60, timeout=600)
+            response = client.infer(
+                nnunet_id=model,
+                study_path=str(REPO / "examples" / "study"),
+                series_folders=["T2"],
+                output_dir=str(tmp_path / "out" / name),
+                use_folds=folds,
+                tta=tta,
+            )
+            return response["status"]
+
+        stop = threading.Event()
+
+        def long_requests() -> list[str]:
+            done = []
+            while not stop.is_set():
+                done.append(infer(f"long{len(done)}", "organ", [0, 1], True))
+            return done
+
+        with ThreadPoolExecutor(1) as pool:
+            long = pool.submit(long_requests)
+            short = [infer(f"short{i}", "organ2d", [0], False) for i in range(105)]
+            stop.set()
+            assert set(short) == {"done"} and set(long.result()) == {"done"}
+    assert "cannot open" not in (tmp_path / "serve.log").read_text()
+
+
+FULL_SHM_CHECK = """
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from nnunet_bento.io.images import read_image, to_nnunet_input
+from nnunet_bento.runners.device import DeviceSelector
+from nnunet_bento.runners.nnunet_runner import RunnerModel, RunnerSet
+from nnunet_bento.runners.protocol import PredictionJob
+from nnunet_bento.runners.shared_arrays import SHM_DIR, SharedMemoryFull, shared_empty
+from nnunet_bento.runners.split import SplitPredictor
+
+folder, image = Path(sys.argv[1]), Path(sys.argv[2])
+try:
+    with shared_empty((1, 1024, 1024), np.float32):
+        raise SystemExit("a 4 MiB segment fit into a 64 KiB /dev/shm")
+except SharedMemoryFull as error:
+    print(error)
+runners = RunnerSet({"organ2d": RunnerModel(folder)}, DeviceSelector(None, wait_s=0), 1)
+sent = []
+def network(job):
+    sent.append(type(job.data).__name__)
+    return runners.run_network(job)
+stack = to_nnunet_input([read_image(image)])
+job = PredictionJob("organ2d", stack.array, stack.properties, (0,), "checkpoint_final.pth",
+                    False, (1, 2))
+shared = SplitPredictor({"organ2d": folder}, network, shared=True).predict(job)
+inline = runners.predict(job)
+np.testing.assert_array_equal(shared.segmentation, inline.segmentation)
+np.testing.assert_array_equal(shared.probabilities, inline.probabilities)
+print("sent", sent, "left", sorted(path.name for path in SHM_DIR.iterdir()))
+"""
+
+
+def test_a_full_dev_shm_sends_the_arrays_inline(demo_model_dirs, demo_study):
+    """A container's small /dev/shm (here a 64 KiB tmpfs in a private mount namespace): the
+    segments are refused at creation, not by a SIGBUS at the first write, and the job's
+    arrays cross inline with the same result."""
+    mounted = 'mount -t tmpfs -o size=64k tmpfs /dev/shm && exec "$@"'
+    command = [
+        *("unshare", "-m", "--propagation", "private", "sh", "-c", mounted, "sh"),
+        *(sys.executable, "-c", FULL_SHM_CHECK),
+        *(str(demo_model_dirs["organ2d"]), str(demo_study / "T2" / "T2.nii.gz")),
+    ]
+    run = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "/dev/shm has no room for 4 MiB (No space left on device)" in run.stdout
+    assert "sent ['ndarray'] left []" in run.stdout
+    assert "arrays cross the socket" in run.stderr

@@ -57,9 +57,9 @@ class ServeSettings(BaseSettings):
         None, description="YAML file of the DICOM nodes that requests may name."
     )
     nnunet_bento_shared_memory: bool = Field(
-        False,
+        True,
         description="Pass arrays to a ModelRunner on the same host through shared memory "
-        "instead of the socket (experimental: off until it holds under concurrent requests).",
+        "instead of the socket (a job that /dev/shm has no room for goes inline).",
     )
     nnunet_bento_work_dir: Path = Field(
         Path(tempfile.gettempdir()) / "nnunet-bento",

@@ -1,7 +1,9 @@
 """Arrays handed between processes of one host through POSIX shared memory, by name.
 
 The owner creates a segment (registered with multiprocessing's resource tracker, which
-removes it should the owner die) and unlinks it when the exchange is over, error or not.
+removes it should the owner die), reserves its pages at once (a full /dev/shm, such as a
+container's 64 MiB default, is then an exception here rather than a SIGBUS at the first
+write) and unlinks it when the exchange is over, error or not.
 The other process maps it by its path under /dev/shm; a name it cannot open means that it
 runs on another host, and the arrays must travel inline.
 """
@@ -24,6 +26,10 @@ NAME = re.compile(rf"{PREFIX}[0-9a-f]{{16}}")
 
 class SharedArrayMissing(Exception):
     """A named segment is not on this host."""
+
+
+class SharedMemoryFull(Exception):
+    """/dev/shm has no room for a segment."""
 
 
 @dataclass(frozen=True)
@@ -55,9 +61,24 @@ def shared_empty(shape: tuple[int, ...], dtype: np.dtype | str) -> Iterator[Shar
     segment = SharedMemory(f"{PREFIX}{secrets.token_hex(8)}", create=True, size=size)
     segment.close()
     try:
+        reserve(SHM_DIR / segment.name, size)
         yield SharedArrayRef(segment.name, tuple(int(n) for n in shape), dtype.str)
     finally:
         segment.unlink()
+
+
+def reserve(path: Path, size: int) -> None:
+    """Allocate every page of a segment now; SharedMemoryFull when /dev/shm is too small."""
+    descriptor = os.open(path, os.O_RDWR)
+    try:
+        os.posix_fallocate(descriptor, 0, size)
+    except OSError as error:
+        raise SharedMemoryFull(
+            f"{SHM_DIR} has no room for {size / 2**20:.0f} MiB ({error.strerror}); give the "
+            "container more (docker run --shm-size, a memory-backed emptyDir on Kubernetes)"
+        ) from None
+    finally:
+        os.close(descriptor)
 
 
 @contextmanager

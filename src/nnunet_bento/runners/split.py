@@ -3,13 +3,15 @@
 predict_single_npy_array in three parts: preprocessing here, the sliding window by
 ``network`` (in this process, or in the ModelRunner), the export here. With ``shared``,
 the preprocessed array goes out and the logits come back through shared memory segments
-that this side creates and always unlinks.
+that this side creates and always unlinks; a job for which /dev/shm has no room sends
+its arrays inline.
 """
 
+import logging
 import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import ExitStack, contextmanager
+from collections.abc import Callable
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -21,8 +23,15 @@ from .export import export_logits
 from .plans import ModelPlans, model_plans
 from .preprocess import preprocess
 from .protocol import NetworkJob, NetworkResult, PredictionJob, PredictionResult
-from .shared_arrays import SharedArrayRef, attach, shared_copy, shared_empty
+from .shared_arrays import (
+    SharedArrayRef,
+    SharedMemoryFull,
+    attach,
+    shared_copy,
+    shared_empty,
+)
 
+logger = logging.getLogger(__name__)
 NetworkCall = Callable[[NetworkJob], NetworkResult]
 LOGITS_DTYPE = np.float16  # what nnU-Net's sliding window accumulates and returns
 
@@ -77,24 +86,27 @@ class SplitPredictor:
         """Preprocess and run the network; the preprocessed array is gone on return."""
         data, properties = preprocess(plans, job.image, job.properties)
         logits_shape = (plans.label_manager.num_segmentation_heads, *data.shape[1:])
-        logits_out = (
-            buffers.enter_context(shared_empty(logits_shape, LOGITS_DTYPE)) if self.shared else None
+        segments = self._segments(data, logits_shape, buffers)
+        payload, logits_out = segments if segments else (data, None)
+        del data
+        result = self.network(
+            NetworkJob(job.model_id, job.folds, job.checkpoint_name, job.tta, payload, logits_out)
         )
-        with self._outgoing(data) as payload:
-            del data
-            result = self.network(
-                NetworkJob(
-                    job.model_id, job.folds, job.checkpoint_name, job.tta, payload, logits_out
-                )
-            )
         return result, properties, logits_out
 
-    @contextmanager
-    def _outgoing(self, data: np.ndarray) -> Iterator[np.ndarray | SharedArrayRef]:
-        """The array itself, or (shared) a segment holding it for the length of the call."""
+    def _segments(
+        self, data: np.ndarray, logits_shape: tuple[int, ...], buffers: ExitStack
+    ) -> tuple[SharedArrayRef, SharedArrayRef] | None:
+        """The input's and the logits' segments, held until the job ends; None when not
+        shared or when /dev/shm has no room for both."""
         if not self.shared:
-            yield data
-            return
-        with shared_copy(data) as ref:
-            del data
-            yield ref
+            return None
+        with ExitStack() as segments:
+            try:
+                logits_out = segments.enter_context(shared_empty(logits_shape, LOGITS_DTYPE))
+                shared_data = segments.enter_context(shared_copy(data))
+            except SharedMemoryFull as error:
+                logger.warning("%s: this request's arrays cross the socket", error)
+                return None
+            buffers.enter_context(segments.pop_all())
+            return shared_data, logits_out

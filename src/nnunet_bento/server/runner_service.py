@@ -29,6 +29,8 @@ from ..runners.split import SplitPredictor
 from ..settings import ServeSettings, load_settings
 
 logger = logging.getLogger(__name__)
+NEVER_S = 10.0**9
+NEVER_REQUESTS = 2**62
 
 
 def bento_model_attributes(registry: Registry) -> dict[str, bentoml.models.BentoModel]:
@@ -41,11 +43,16 @@ def bento_model_attributes(registry: Registry) -> dict[str, bentoml.models.Bento
 
 
 def runner_config(settings: ServeSettings) -> dict[str, Any]:
+    """The ModelRunner's service config. BentoML's client of a dependency renews its
+    connection pool after ``max_age`` seconds or ``max_requests`` calls, and closing the old
+    pool drops every call still in flight on it: a long network step of one request died
+    when another request called the runner. So the pool is never renewed."""
     return {
         "name": "ModelRunner",
         "resources": {"gpu": 1},
         "workers": 1,
         "traffic": {"timeout": settings.nnunet_bento_request_timeout_s},
+        "runner_connection": {"max_age": NEVER_S, "max_requests": NEVER_REQUESTS},
     }
 
 
