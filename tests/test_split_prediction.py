@@ -293,20 +293,21 @@ from nnunet_bento.io.images import read_image, to_nnunet_input
 from nnunet_bento.runners.device import DeviceSelector
 from nnunet_bento.runners.nnunet_runner import RunnerModel, RunnerSet
 from nnunet_bento.runners.protocol import PredictionJob
-from nnunet_bento.runners.shared_arrays import SHM_DIR, SharedMemoryFull, shared_empty
+from nnunet_bento.runners.shared_arrays import SHM_DIR, SharedMemoryFull, shared_copy
 from nnunet_bento.runners.split import SplitPredictor
 
 folder, image = Path(sys.argv[1]), Path(sys.argv[2])
 try:
-    with shared_empty((1, 1024, 1024), np.float32):
-        raise SystemExit("a 4 MiB segment fit into a 64 KiB /dev/shm")
+    with shared_copy(np.ones((1, 1024, 1024), np.float32)):
+        raise SystemExit("a 4 MiB segment fit into a small /dev/shm")
 except SharedMemoryFull as error:
     print(error)
 runners = RunnerSet({"organ2d": RunnerModel(folder)}, DeviceSelector(None, wait_s=0), 1)
 sent = []
 def network(job):
-    sent.append(type(job.data).__name__)
-    return runners.run_network(job)
+    result = runners.run_network(job)
+    sent.append((type(job.data).__name__, "logits inline" if result.logits is not None else ""))
+    return result
 stack = to_nnunet_input([read_image(image)])
 job = PredictionJob("organ2d", stack.array, stack.properties, (0,), "checkpoint_final.pth",
                     False, (1, 2))
@@ -318,11 +319,18 @@ print("sent", sent, "left", sorted(path.name for path in SHM_DIR.iterdir()))
 """
 
 
-def test_a_full_dev_shm_sends_the_arrays_inline(demo_model_dirs, demo_study):
-    """A container's small /dev/shm (here a 64 KiB tmpfs in a private mount namespace): the
-    segments are refused at creation, not by a SIGBUS at the first write, and the job's
-    arrays cross inline with the same result."""
-    mounted = 'mount -t tmpfs -o size=64k tmpfs /dev/shm && exec "$@"'
+@pytest.mark.parametrize(
+    ("size", "sent", "warning"),
+    [
+        ("64k", "[('ndarray', 'logits inline')]", "this request's arrays cross the socket"),
+        ("256k", "[('SharedArrayRef', 'logits inline')]", "the logits cross the socket"),
+    ],
+)
+def test_a_full_dev_shm_sends_the_arrays_inline(demo_model_dirs, demo_study, size, sent, warning):
+    """A container's small /dev/shm (here a tmpfs in a private mount namespace): a segment
+    is refused when its writer reserves it, not by a SIGBUS at the first write, and the
+    arrays that do not fit (the input, or only the logits) cross inline, same result."""
+    mounted = f'mount -t tmpfs -o size={size} tmpfs /dev/shm && exec "$@"'
     command = [
         *("unshare", "-m", "--propagation", "private", "sh", "-c", mounted, "sh"),
         *(sys.executable, "-c", FULL_SHM_CHECK),
@@ -331,5 +339,5 @@ def test_a_full_dev_shm_sends_the_arrays_inline(demo_model_dirs, demo_study):
     run = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
     assert "/dev/shm has no room for 4 MiB (No space left on device)" in run.stdout
-    assert "sent ['ndarray'] left []" in run.stdout
-    assert "arrays cross the socket" in run.stderr
+    assert f"sent {sent} left []" in run.stdout
+    assert warning in run.stderr

@@ -20,7 +20,14 @@ from .protocol import (
     PredictionResult,
     RunnerFailure,
 )
-from .shared_arrays import SharedArrayMissing, SharedArrayRef, attach, release
+from .shared_arrays import (
+    SharedArrayMissing,
+    SharedArrayRef,
+    SharedMemoryFull,
+    attach,
+    release,
+    reserve,
+)
 from .split import SplitPredictor
 from .trainer_lookup import find_trainer_class
 
@@ -69,8 +76,13 @@ def received(data: np.ndarray | SharedArrayRef) -> np.ndarray:
 
 def delivered(logits: np.ndarray, out: SharedArrayRef | None) -> np.ndarray | None:
     """None once ``logits`` are written to ``out``; the logits themselves when they must
-    travel inline (no segment, or one of another shape or dtype)."""
+    travel inline (no segment, one of another shape or dtype, no room in /dev/shm)."""
     if out is None or (tuple(out.shape), out.dtype) != (logits.shape, logits.dtype.str):
+        return logits
+    try:
+        reserve(out)
+    except SharedMemoryFull as error:
+        logger.warning("%s: the logits cross the socket", error)
         return logits
     np.copyto(attach(out, "r+"), logits)
     return None

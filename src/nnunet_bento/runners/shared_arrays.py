@@ -1,9 +1,10 @@
 """Arrays handed between processes of one host through POSIX shared memory, by name.
 
 The owner creates a segment (registered with multiprocessing's resource tracker, which
-removes it should the owner die), reserves its pages at once (a full /dev/shm, such as a
-container's 64 MiB default, is then an exception here rather than a SIGBUS at the first
-write) and unlinks it when the exchange is over, error or not.
+removes it should the owner die) and unlinks it when the exchange is over, error or not.
+Whoever writes a segment reserves its pages first, so that a full /dev/shm (a container's
+64 MiB default, for one) is an exception to handle rather than a SIGBUS at the first
+write; until then a segment takes no memory.
 The other process maps it by its path under /dev/shm; a name it cannot open means that it
 runs on another host, and the arrays must travel inline.
 """
@@ -55,21 +56,22 @@ def shared_memory_available() -> bool:
 
 @contextmanager
 def shared_empty(shape: tuple[int, ...], dtype: np.dtype | str) -> Iterator[SharedArrayRef]:
-    """A zero-filled segment for an array of ``shape`` and ``dtype``, unlinked on exit."""
+    """A zero-filled segment for an array of ``shape`` and ``dtype``, unlinked on exit; no
+    pages are reserved."""
     dtype = np.dtype(dtype)
     size = max(int(np.prod(shape)) * dtype.itemsize, 1)
     segment = SharedMemory(f"{PREFIX}{secrets.token_hex(8)}", create=True, size=size)
     segment.close()
     try:
-        reserve(SHM_DIR / segment.name, size)
         yield SharedArrayRef(segment.name, tuple(int(n) for n in shape), dtype.str)
     finally:
         segment.unlink()
 
 
-def reserve(path: Path, size: int) -> None:
+def reserve(ref: SharedArrayRef) -> None:
     """Allocate every page of a segment now; SharedMemoryFull when /dev/shm is too small."""
-    descriptor = os.open(path, os.O_RDWR)
+    size = max(int(np.prod(ref.shape)) * np.dtype(ref.dtype).itemsize, 1)
+    descriptor = os.open(ref.path, os.O_RDWR)
     try:
         os.posix_fallocate(descriptor, 0, size)
     except OSError as error:
@@ -85,6 +87,7 @@ def reserve(path: Path, size: int) -> None:
 def shared_copy(array: np.ndarray) -> Iterator[SharedArrayRef]:
     """A segment holding a copy of ``array``, unlinked on exit; the caller may drop its own."""
     with shared_empty(array.shape, array.dtype) as ref:
+        reserve(ref)
         np.copyto(attach(ref, "r+"), array)
         del array
         yield ref
