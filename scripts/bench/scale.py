@@ -269,6 +269,8 @@ def floor_worker(args: argparse.Namespace) -> None:
     from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 
+    from nnunet_bento.runners.memory import return_freed_memory
+
     predictor = nnUNetPredictor(
         use_mirroring=args.tta,
         device=torch.device(args.device),
@@ -299,6 +301,7 @@ def floor_worker(args: argparse.Namespace) -> None:
             segmentation = output[0] if request["probabilities"] else output
             SimpleITKIO().write_seg(segmentation, request["out"], properties)
             del data, output, segmentation
+            return_freed_memory()
         else:
             predictor.predict_from_files(
                 [[image] for image in request["images"]],
@@ -507,7 +510,11 @@ def report(
         "`predict_single_npy_array` + write. Timing pairs are interleaved and unsampled; "
         "memory is measured on separate runs, PSS summed over all processes (shared memory "
         f"segments counted once, mapped or not), sampled at "
-        f"{hz:.0f} Hz or more, growth from 1.5 s of idle to the peak.",
+        f"{hz:.0f} Hz or more, growth from 1.5 s of idle to the peak. The floor worker, "
+        "like the ModelRunner and the API, hands the heap memory it freed back to the system "
+        "after each case (`malloc_trim`): without it, glibc keeps a previous case's memory, "
+        "the idle figure holds part of the next peak and the growth depends on what ran "
+        "before.",
         "",
         "| pair | floor | warm `/infer` | sliding window (floor) | runner busy |",
         "| --- | --- | --- | --- | --- |",

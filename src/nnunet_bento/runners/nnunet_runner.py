@@ -12,6 +12,7 @@ import numpy as np
 
 from ..errors import NnunetBentoError
 from .device import DeviceSelector
+from .memory import return_freed_memory
 from .protocol import (
     NetworkJob,
     NetworkResult,
@@ -143,7 +144,10 @@ class RunnerSet:
         del data
         if isinstance(job.data, SharedArrayRef):
             release(job.data)
-        return NetworkResult(delivered(logits, job.logits_out), device, seconds)
+        result = NetworkResult(delivered(logits, job.logits_out), device, seconds)
+        del logits
+        return_freed_memory()
+        return result
 
     def run_network_or_failure(self, job: NetworkJob) -> NetworkResult | RunnerFailure | NotShared:
         """run_network(), with our errors returned as data so that they can cross processes."""

@@ -20,6 +20,7 @@ import numpy as np
 from ..catalog.model_folder import ModelDescription, describe_model_folder
 from ..errors import RequestError
 from .export import export_logits
+from .memory import return_freed_memory
 from .plans import ModelPlans, model_plans
 from .preprocess import preprocess
 from .protocol import NetworkJob, NetworkResult, PredictionJob, PredictionResult
@@ -76,9 +77,10 @@ class SplitPredictor:
             segmentation, probabilities = export_logits(
                 plans, logits, properties, job.probability_labels
             )
-        return PredictionResult(
-            segmentation, probabilities, result.device, time.perf_counter() - started
-        )
+            device = result.device
+            del logits, result
+        return_freed_memory()
+        return PredictionResult(segmentation, probabilities, device, time.perf_counter() - started)
 
     def _run_network(
         self, job: PredictionJob, plans: ModelPlans, buffers: ExitStack
