@@ -78,7 +78,7 @@ class ServeSettings(BaseSettings):
         200_000_000, ge=1, description="Most voxels of one input image, checked from its header."
     )
     nnunet_bento_max_probability_mb: float = Field(
-        8192, gt=0, description="Most memory for the probabilities a stage keeps (float32)."
+        2048, gt=0, description="Most memory for the probabilities a stage keeps (float32)."
     )
     nnunet_bento_max_pipelines: int = Field(
         2, ge=1, description="Requests that run their pipeline at once in an API worker."
