@@ -7,6 +7,7 @@ expire ``ttl_s`` after they finish (done, failed or cancelled); queued and runni
 The file must be on a local disk: SQLite's WAL mode does not work over network filesystems.
 """
 
+import fcntl
 import json
 import os
 import secrets
@@ -106,8 +107,12 @@ class JobStore:
         self._clock = clock
         self._local = threading.local()
         path.parent.mkdir(parents=True, exist_ok=True)
-        self._db().execute("PRAGMA journal_mode=WAL")
-        self._db().execute(_SCHEMA)
+        with open(path.with_name(path.name + ".init-lock"), "a") as lock:
+            # One process at a time: four workers opening a new file at once saw SQLite's
+            # switch to WAL fail with "database is locked" despite the busy timeout.
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            self._db().execute("PRAGMA journal_mode=WAL")
+            self._db().execute(_SCHEMA)
 
     def _db(self) -> sqlite3.Connection:
         """This thread's connection, opened on first use and again in a forked child.
