@@ -29,12 +29,31 @@ def demo_study() -> Path:
     return REPO / "examples" / "study"
 
 
-@pytest.fixture(scope="session")
-def imported_models(demo_model_dirs: dict[str, Path]) -> dict[str, str]:
-    """The demo models in the test session's Bento model store: id -> tag."""
+def import_demo_models() -> dict[str, str]:
+    """The demo models in the current Bento model store (BENTOML_HOME): id -> tag."""
     from nnunet_bento.catalog.store import import_model
 
-    return {name: import_model(folder, name).tag for name, folder in demo_model_dirs.items()}
+    return {
+        name: import_model(REPO / "examples" / "models" / name, name).tag for name in DEMO_MODELS
+    }
+
+
+@pytest.fixture(scope="session")
+def imported_models() -> dict[str, str]:
+    """The demo models in the test session's Bento model store: id -> tag."""
+    return import_demo_models()
+
+
+def cli_predict(*args: str) -> subprocess.CompletedProcess:
+    """`nnunet-bento predict ARGS` run from the repository root, its output captured."""
+    return subprocess.run(
+        [sys.executable, "-m", "nnunet_bento.cli", "predict", *args],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+        cwd=REPO,
+    )
 
 
 def free_port() -> int:

@@ -9,25 +9,15 @@ import time
 
 import numpy as np
 import SimpleITK as sitk
-from conftest import REPO
+from conftest import REPO, cli_predict
 from status_server import recording_server
 
 MODELS = REPO / "examples" / "models"
 
 
-def predict(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "nnunet_bento.cli", "predict", *args],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=False,
-    )
-
-
 def organ2d(series: str, output_dir: str, *flags: str) -> subprocess.CompletedProcess:
     """`predict` with the organ2d demo model on one series."""
-    return predict("-i", series, "-m", str(MODELS / "organ2d"), "-o", output_dir, *flags)
+    return cli_predict("-i", series, "-m", str(MODELS / "organ2d"), "-o", output_dir, *flags)
 
 
 def test_success_writes_the_seed_names_and_posts_success(demo_study, tmp_path):
@@ -131,7 +121,7 @@ def test_model_path_takes_a_spec_id_or_a_bento_tag(demo_study, tmp_path, importe
     )
     assert by_id.returncode == 0, by_id.stderr
     assert "organ on cpu" in by_id.stderr, "the alias resolved to the spec's organ model"
-    by_tag = predict(
+    by_tag = cli_predict(
         "-i", str(demo_study / "T2"), "-m", imported_models["organ2d"], "-o", str(tmp_path / "tag")
     )
     assert by_tag.returncode == 0, by_tag.stderr

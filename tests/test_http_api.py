@@ -1,8 +1,6 @@
 """/infer, /model_info and /request-params through a real `bentoml serve`."""
 
 import shutil
-import subprocess
-import sys
 import threading
 from pathlib import Path
 
@@ -13,7 +11,7 @@ import pytest
 import SimpleITK as sitk
 import yaml
 from bentoml.exceptions import BentoMLException
-from conftest import REPO, bentoml_serve
+from conftest import REPO, bentoml_serve, cli_predict
 
 from nnunet_bento.preview import write_preview
 from nnunet_bento.request import InferenceRequest
@@ -367,27 +365,10 @@ def test_cli_predict_equals_infer_on_the_same_input(served, study, tmp_path):
         save_proba_map=True,
         proba_threshold=0.05,
     )
-    cli = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "nnunet_bento.cli",
-            "predict",
-            "-i",
-            str(study / "T2"),
-            str(study / "ADC"),
-            "-m",
-            str(REPO / "examples" / "models" / "lesion"),
-            "-o",
-            str(tmp_path / "cli"),
-            "-t",
-            "-p",
-            "--proba_threshold",
-            "0.05",
-        ],
-        capture_output=True,
-        text=True,
-        check=False,
+    cli = cli_predict(
+        *("-i", str(study / "T2"), str(study / "ADC")),
+        *("-m", str(REPO / "examples" / "models" / "lesion"), "-o", str(tmp_path / "cli")),
+        *("-t", "-p", "--proba_threshold", "0.05"),
     )
     assert cli.returncode == 0, cli.stderr
     pairs = [
@@ -413,16 +394,9 @@ def test_cli_flags_not_given_leave_the_spec_default_args_in_force(served, study,
         save_proba_map=True,
         proba_threshold=0.0,
     )
-    cli = subprocess.run(
-        [
-            *(sys.executable, "-m", "nnunet_bento.cli", "predict", "-i", str(study / "T2")),
-            *("-m", "organ", "-o", str(tmp_path / "cli"), "-t", "-p", "--proba_threshold", "0"),
-            "--preview",
-        ],
-        capture_output=True,
-        text=True,
-        check=False,
-        cwd=REPO,
+    cli = cli_predict(
+        *("-i", str(study / "T2"), "-m", "organ", "-o", str(tmp_path / "cli")),
+        *("-t", "-p", "--proba_threshold", "0", "--preview"),
     )
     assert cli.returncode == 0, cli.stderr
     assert (tmp_path / "cli" / "preview.png").stat().st_size > 10_000

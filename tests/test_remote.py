@@ -6,7 +6,6 @@ import json
 import shutil
 import stat
 import subprocess
-import sys
 import time
 import zipfile
 from pathlib import Path
@@ -16,7 +15,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import yaml
-from conftest import REPO, bentoml_serve
+from conftest import REPO, bentoml_serve, cli_predict
 
 from nnunet_bento.client import Client, ClientError, pack_study
 
@@ -220,25 +219,9 @@ def test_client_and_predict_url_give_the_files_of_in_process_predict(
     served, area, client, tmp_path
 ):
     study = area / "in" / "study"
-    local = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "nnunet_bento.cli",
-            "predict",
-            "-i",
-            str(study / "T2"),
-            "-m",
-            str(MODELS / "organ"),
-            "-o",
-            str(tmp_path / "local"),
-            "-f",
-            "0",
-            "1",
-        ],
-        capture_output=True,
-        text=True,
-        check=False,
+    local = cli_predict(
+        *("-i", str(study / "T2"), "-m", str(MODELS / "organ"), "-o", str(tmp_path / "local")),
+        *("-f", "0", "1"),
     )
     assert local.returncode == 0, local.stderr
     response = client.infer_study(
@@ -247,26 +230,9 @@ def test_client_and_predict_url_give_the_files_of_in_process_predict(
     assert response["nifti_prediction"] == [
         str(tmp_path / "client" / "stage_0" / "prediction.nii.gz")
     ]
-    remote = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "nnunet_bento.cli",
-            "predict",
-            "-i",
-            str(study / "T2"),
-            "-m",
-            "organ",
-            "-o",
-            str(tmp_path / "remote"),
-            "--url",
-            served.url,
-            "--token",
-            TOKEN,
-        ],
-        capture_output=True,
-        text=True,
-        check=False,
+    remote = cli_predict(
+        *("-i", str(study / "T2"), "-m", "organ", "-o", str(tmp_path / "remote")),
+        *("--url", served.url, "--token", TOKEN),
     )
     assert remote.returncode == 0, remote.stderr
     expected = labels(tmp_path / "local" / "prediction.nii.gz")

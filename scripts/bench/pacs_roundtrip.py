@@ -35,13 +35,10 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
     os.environ.setdefault("BENTOML_HOME", tempfile.mkdtemp(prefix="bench-store-"))
-    from conftest import DEMO_MODELS, bentoml_serve
+    from conftest import bentoml_serve, import_demo_models
     from orthanc import orthanc
 
-    from nnunet_bento.catalog.store import import_model
-
-    for name in DEMO_MODELS:
-        import_model(REPO / "examples" / "models" / name, name)
+    import_demo_models()
     work = Path(tempfile.mkdtemp(prefix="bench-pacs-"))
     first = pydicom.dcmread(min((MR / "T2").glob("*.dcm")), stop_before_pixels=True)
     common = {"nnunet_id": "organ", "is_dicom": True, "overwrite": True}

@@ -48,6 +48,11 @@ class SharedArrayRef:
             raise ValueError(f"{self.name!r} is not the name of one of our shared memory segments")
         return SHM_DIR / self.name
 
+    @property
+    def nbytes(self) -> int:
+        """The segment's size: the array's bytes, at least one (POSIX wants a size)."""
+        return max(int(np.prod(self.shape)) * np.dtype(self.dtype).itemsize, 1)
+
 
 def shared_memory_available() -> bool:
     """Whether this host maps POSIX shared memory as files (Linux)."""
@@ -58,25 +63,24 @@ def shared_memory_available() -> bool:
 def shared_empty(shape: tuple[int, ...], dtype: np.dtype | str) -> Iterator[SharedArrayRef]:
     """A zero-filled segment for an array of ``shape`` and ``dtype``, unlinked on exit; no
     pages are reserved."""
-    dtype = np.dtype(dtype)
-    size = max(int(np.prod(shape)) * dtype.itemsize, 1)
-    segment = SharedMemory(f"{PREFIX}{secrets.token_hex(8)}", create=True, size=size)
+    name = f"{PREFIX}{secrets.token_hex(8)}"
+    ref = SharedArrayRef(name, tuple(int(n) for n in shape), np.dtype(dtype).str)
+    segment = SharedMemory(name, create=True, size=ref.nbytes)
     segment.close()
     try:
-        yield SharedArrayRef(segment.name, tuple(int(n) for n in shape), dtype.str)
+        yield ref
     finally:
         segment.unlink()
 
 
 def reserve(ref: SharedArrayRef) -> None:
     """Allocate every page of a segment now; SharedMemoryFull when /dev/shm is too small."""
-    size = max(int(np.prod(ref.shape)) * np.dtype(ref.dtype).itemsize, 1)
     descriptor = os.open(ref.path, os.O_RDWR)
     try:
-        os.posix_fallocate(descriptor, 0, size)
+        os.posix_fallocate(descriptor, 0, ref.nbytes)
     except OSError as error:
         raise SharedMemoryFull(
-            f"{SHM_DIR} has no room for {size / 2**20:.0f} MiB ({error.strerror}); give the "
+            f"{SHM_DIR} has no room for {ref.nbytes / 2**20:.0f} MiB ({error.strerror}); give the "
             "container more (docker run --shm-size, a memory-backed emptyDir on Kubernetes)"
         ) from None
     finally:
