@@ -3,8 +3,7 @@
 predict_single_npy_array in three parts: preprocessing here, the sliding window by
 ``network`` (in this process, or in the ModelRunner), the export here. With ``shared``,
 the preprocessed array goes out and the logits come back through shared memory segments
-that this side creates and always unlinks; a job for which /dev/shm has no room sends
-its arrays inline.
+that this side creates and always unlinks; what /dev/shm has no room for travels inline.
 """
 
 import logging
@@ -100,7 +99,8 @@ class SplitPredictor:
         self, data: np.ndarray, logits_shape: tuple[int, ...], buffers: ExitStack
     ) -> tuple[SharedArrayRef, SharedArrayRef] | None:
         """The input's and the logits' segments, held until the job ends; None when not
-        shared or when /dev/shm has no room for both."""
+        shared or when /dev/shm has no room for the input (the runner reserves the logits'
+        pages, and returns them inline if they do not fit)."""
         if not self.shared:
             return None
         with ExitStack() as segments:
