@@ -2,7 +2,7 @@
 
 import bentoml
 
-from nnunet_bento.server.error_body import SeedErrorMiddleware
+from nnunet_bento.server.error_body import ErrorBodyMiddleware
 from nnunet_bento.server.guard import RequestGuard
 from nnunet_bento.server.runner_service import (
     ModelRunnerBase,
@@ -44,5 +44,5 @@ SegmentationService = bentoml.service(**segmentation_config(SETTINGS))(
     )
 )
 SegmentationService.mount_asgi_app(GET_ROUTES, path="/")
-SegmentationService.add_asgi_middleware(SeedErrorMiddleware)
+SegmentationService.add_asgi_middleware(ErrorBodyMiddleware)
 SegmentationService.add_asgi_middleware(RequestGuard, **guard_options(SETTINGS))

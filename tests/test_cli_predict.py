@@ -1,4 +1,4 @@
-"""`nnunet-bento predict`: the seed's flags, its output names, exit codes and job status."""
+"""`nnunet-bento predict`: nnunet_serve's flags, its output names, exit codes and job status."""
 
 import json
 import os

@@ -57,7 +57,7 @@ def client(token: str | None = TOKEN, allowed_origins: tuple[str, ...] = ()) -> 
 
 
 def error_of(response: httpx.Response) -> str:
-    """The error of a seed-shaped JSON failure body."""
+    """The error of a nnunet_serve-shaped JSON failure body."""
     assert response.headers["content-type"] == "application/json"
     body = response.json()
     assert body["status"] == "failed"

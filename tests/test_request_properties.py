@@ -15,7 +15,7 @@ from pydantic import ValidationError
 from nnunet_bento.catalog.registry import build_registry
 from nnunet_bento.catalog.spec import ModelEntry, ServeSpec
 from nnunet_bento.errors import NnunetBentoError
-from nnunet_bento.io.sandbox import PathRoots
+from nnunet_bento.io.path_roots import PathRoots
 from nnunet_bento.pipeline import SegmentationPipeline
 from nnunet_bento.request import InferenceRequest
 from nnunet_bento.runners.device import DeviceSelector

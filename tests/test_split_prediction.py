@@ -153,15 +153,15 @@ class FakeRunnerService:
         return to_wire(self.runners.run_network_or_failure(network_job))
 
 
-def remote_predictor(service: FakeRunnerService, demo_model_dirs):
-    from nnunet_bento.server.runner_service import RemotePredictor
+def runner_service_predictor(service: FakeRunnerService, demo_model_dirs):
+    from nnunet_bento.server.runner_service import RunnerServicePredictor
 
     registry = type("Registry", (), {})()
     registry.models = {
         name: type("Model", (), {"id": name, "folder": folder})()
         for name, folder in demo_model_dirs.items()
     }
-    return RemotePredictor(service, registry)
+    return RunnerServicePredictor(service, registry)
 
 
 def test_arrays_cross_as_shared_memory_on_one_host(
@@ -169,7 +169,7 @@ def test_arrays_cross_as_shared_memory_on_one_host(
 ):
     service = FakeRunnerService(runners)
     job = prediction_job("organ2d", inputs, (0,), False, ("T2",))
-    result = remote_predictor(service, demo_model_dirs).predict(job)
+    result = runner_service_predictor(service, demo_model_dirs).predict(job)
     (sent,) = service.jobs
     assert isinstance(sent.data, SharedArrayRef) and isinstance(sent.logits_out, SharedArrayRef)
     np.testing.assert_array_equal(result.segmentation, runners.predict(job).segmentation)
@@ -179,7 +179,7 @@ def test_another_host_gets_the_arrays_inline_from_then_on(
     inputs, runners, demo_model_dirs, no_leaked_segments
 ):
     service = FakeRunnerService(runners, other_host=True)
-    predictor = remote_predictor(service, demo_model_dirs)
+    predictor = runner_service_predictor(service, demo_model_dirs)
     job = prediction_job("organ2d", inputs, (0,), False, ("T2",))
     first, second = predictor.predict(job), predictor.predict(job)
     assert [type(sent.data) for sent in service.jobs] == [SharedArrayRef, np.ndarray, np.ndarray]
@@ -198,7 +198,7 @@ def test_a_runner_failure_leaves_no_segment(inputs, runners, demo_model_dirs, no
     service.run_network = busy
     job = prediction_job("organ2d", inputs, (0,), False, ("T2",))
     with pytest.raises(DeviceUnavailableError, match="4000 MiB"):
-        remote_predictor(service, demo_model_dirs).predict(job)
+        runner_service_predictor(service, demo_model_dirs).predict(job)
 
 
 def test_an_exception_in_the_network_step_leaves_no_segment(

@@ -42,7 +42,7 @@ class OutputLayout:
         )
 
 
-#: /infer: one folder per stage, the seed API's names.
+#: /infer: one folder per stage, nnunet_serve's names.
 API_LAYOUT = OutputLayout(
     {
         "prediction": "stage_{stage}/prediction{suffix}.nii.gz",
@@ -54,7 +54,7 @@ API_LAYOUT = OutputLayout(
         "preview": "stage_{stage}/preview{suffix}.png",
     }
 )
-#: The seed's command line: one model, files directly in output_dir, its names.
+#: nnunet_serve's command line: one model, files directly in output_dir, its names.
 CLI_LAYOUT = OutputLayout(
     {
         "prediction": "prediction{suffix}.nii.gz",

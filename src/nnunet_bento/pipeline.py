@@ -16,7 +16,7 @@ from .errors import InputNotFoundError, NnunetBentoError, RequestError, TooLarge
 from .export import API_LAYOUT, OutputLayout, export_preview, export_stage
 from .io.dicom_series import read_dicom_series
 from .io.images import NnunetInput, image_file_in, image_like, read_image, to_nnunet_input
-from .io.sandbox import PathRoots
+from .io.path_roots import PathRoots
 from .io.staging import OutputStaging
 from .pacs.nodes import DicomNode
 from .postprocess import postprocess

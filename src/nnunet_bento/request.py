@@ -252,7 +252,7 @@ class RequestFields(BaseModel):
 InferenceRequest = create_model(
     "InferenceRequest",
     __base__=RequestFields,
-    __doc__="Body of POST /infer: the seed's request. Per-model fields take one value for "
+    __doc__="Body of POST /infer: the nnunet_serve-compatible request. Per-model fields take one value for "
     "every model, or a list with one value per model; list-valued ones (series_folders, "
     "use_folds, crop_padding, class_idx) take a flat list for every model, or a list of lists. "
     "A value not given (null) comes from the model's default_args, else the server default.",
@@ -350,7 +350,7 @@ class StageOutputs(BaseModel):
 
 
 class InferenceResponse(BaseModel):
-    """Body of a successful /infer: the seed's fields plus timings and per-stage detail."""
+    """Body of a successful /infer: nnunet_serve's fields plus timings and per-stage detail."""
 
     status: Literal["done"] = "done"
     time_elapsed: float = Field(description="Seconds for the whole request.")

@@ -5,7 +5,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .cascade import REFERENCE_FIELDS, earlier_stage
-from .io.sandbox import STUDY_FIELD, PathRoots
+from .io.path_roots import STUDY_FIELD, PathRoots
 from .stage import Stage
 
 

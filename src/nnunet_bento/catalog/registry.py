@@ -55,7 +55,7 @@ class RegisteredModel:
         return self.seg_metadata.to_dcmqi() if self.seg_metadata else None
 
     def info(self) -> dict[str, Any]:
-        """The /model_info record: the seed's fields, with no absolute server path."""
+        """The /model_info record: nnunet_serve's fields, with no absolute server path."""
         return {
             "id": self.entry.id,
             "name": self.entry.name,

@@ -1,7 +1,7 @@
 """`scripts/docker-run`: run `nnunet-bento predict` inside the Bento's container image.
 
 It takes the flags of `nnunet-bento predict` plus ``-c IMAGE``, mounts every input, output,
-model and metadata path into the container, and runs the command there, as the seed's
+model and metadata path into the container, and runs the command there, as nnunet_serve's
 entrypoint-with-docker.py did.
 """
 

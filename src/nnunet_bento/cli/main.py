@@ -49,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     predictor = commands.add_parser(
         "predict",
-        help="segment series in-process, as the seed's entrypoint-prod.py",
+        help="segment series in-process, as nnunet_serve's entrypoint-prod.py",
         description="Run one nnU-Net model on the given series with the same pipeline as "
         "/infer, without a server. Handles NIfTI/MHA/NRRD and DICOM inputs; writes "
         "prediction.nii.gz, probabilities.nii.gz, volume_XXXX.nii.gz, prediction.dcm, "

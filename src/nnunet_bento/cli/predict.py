@@ -1,4 +1,4 @@
-"""`nnunet-bento predict`: the seed's standalone command, on the same pipeline as /infer."""
+"""`nnunet-bento predict`: nnunet_serve's standalone command, on the same pipeline as /infer."""
 
 import argparse
 import logging
@@ -17,7 +17,7 @@ from ..catalog.registry import Registry, build_registry, weights_source
 from ..catalog.spec import MetadataPath, ModelEntry, ServeSpec, load_spec
 from ..errors import NnunetBentoError, RequestError
 from ..export import CLI_LAYOUT
-from ..jobs import JobReporter
+from .status_report import JobReporter
 from ..pacs.nodes import load_nodes
 from ..pipeline import STEPS, SegmentationPipeline
 from ..request import InferenceRequest, field_help
@@ -29,7 +29,7 @@ logger = logging.getLogger("nnunet_bento.predict")
 
 
 def add_predict_arguments(parser: argparse.ArgumentParser) -> None:
-    """Every flag of the seed's entrypoint-prod.py, with its long and short names.
+    """Every flag of nnunet_serve's entrypoint-prod.py, with its long and short names.
 
     A per-model flag that is not given stays None, so that the model's default_args apply;
     its help is the request field's description and server default.
@@ -261,9 +261,9 @@ def run_predict(args: argparse.Namespace) -> str:
 
 def run_on_server(args: argparse.Namespace) -> str:
     """--url: the request runs on that server (the client, and BentoML, load only now)."""
-    from .remote_predict import run_remote
+    from .predict_by_upload import run_by_upload
 
-    return run_remote(args, request_from(args, args.model_path))
+    return run_by_upload(args, request_from(args, args.model_path))
 
 
 class TerminatedError(NnunetBentoError):

@@ -18,7 +18,7 @@ import numpy as np
 
 from ..catalog.model_folder import ModelDescription, describe_model_folder
 from ..errors import RequestError
-from .export import export_logits
+from .labels import export_logits
 from .memory import return_freed_memory
 from .plans import ModelPlans, model_plans
 from .preprocess import preprocess

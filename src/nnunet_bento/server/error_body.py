@@ -1,4 +1,4 @@
-"""The seed's error body, {status: failed, error}, for our errors and BentoML's own."""
+"""The nnunet_serve-compatible error body, {status: failed, error}, for our errors and BentoML's own."""
 
 import json
 from typing import Any
@@ -11,12 +11,12 @@ Message = dict[str, Any]
 def error_response(
     status_code: int, message: str, headers: dict[str, str] | None = None
 ) -> JSONResponse:
-    """The seed's error body with its HTTP status."""
+    """The nnunet_serve-compatible error body with its HTTP status."""
     return JSONResponse({"status": "failed", "error": message}, status_code, headers=headers)
 
 
-def seed_error_body(body: bytes) -> bytes:
-    """Rewrite BentoML's own error JSON (e.g. validation errors) into the seed's form."""
+def error_body_of(body: bytes) -> bytes:
+    """Rewrite BentoML's own error JSON (e.g. validation errors) into the nnunet_serve-compatible form."""
     try:
         payload = json.loads(body)
     except ValueError:
@@ -37,8 +37,8 @@ def seed_error_body(body: bytes) -> bytes:
     return json.dumps({"status": "failed", "error": error}).encode()
 
 
-class SeedErrorMiddleware:
-    """Buffers JSON responses with status >= 400 and rewrites them with seed_error_body."""
+class ErrorBodyMiddleware:
+    """Buffers JSON responses with status >= 400 and rewrites them with error_body_of."""
 
     def __init__(self, app: Any) -> None:
         self.app = app
@@ -62,7 +62,7 @@ class SeedErrorMiddleware:
                 chunks.append(message.get("body", b""))
                 if message.get("more_body"):
                     return
-                body = seed_error_body(b"".join(chunks))
+                body = error_body_of(b"".join(chunks))
                 headers = [
                     (k, str(len(body)).encode() if k == b"content-length" else v)
                     for k, v in start.get("headers", [])

@@ -1,5 +1,5 @@
 """The GPU service: ModelRunner keeps warm nnU-Net predictors and runs the network step of
-prediction jobs; the API service reaches it through RemotePredictor, which preprocesses
+prediction jobs; the API service reaches it through RunnerServicePredictor, which preprocesses
 and exports in the API's own worker threads."""
 
 import logging
@@ -84,7 +84,7 @@ class ModelRunnerBase:
         return self.runners.selector.describe()
 
 
-class RemotePredictor:
+class RunnerServicePredictor:
     """The pipeline's Predictor: preprocessing and export here, the network step in the
     ModelRunner; arrays through shared memory until the runner cannot open it."""
 

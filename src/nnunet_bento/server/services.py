@@ -23,7 +23,7 @@ from starlette.routing import Route
 from ..catalog.registry import Registry, build_registry, weights_source
 from ..catalog.spec import load_spec
 from ..errors import DeviceUnavailableError, NnunetBentoError, SpecError
-from ..io.sandbox import PathRoots
+from ..io.path_roots import PathRoots
 from ..io.staging import remove_stale_staging
 from ..pacs.nodes import DicomNode, load_nodes, node_kinds
 from ..pipeline import SegmentationPipeline, StepCallback
@@ -31,8 +31,8 @@ from ..request import InferenceRequest, InferenceResponse
 from ..settings import ServeSettings, allowed_origins, load_settings
 from .admission import RETRY_AFTER_S, Admission, deadline_check
 from .error_body import error_response
-from .remote_routes import REMOTE_ROUTES, UPLOAD_PATHS, RemoteRoutes
-from .runner_service import RemotePredictor
+from .job_routes import JOB_ROUTES, UPLOAD_PATHS, JobRoutes
+from .runner_service import RunnerServicePredictor
 
 logger = logging.getLogger("nnunet_bento")
 DEVICE_QUERY_S = 0.5
@@ -118,7 +118,7 @@ class SegmentationServiceBase:
         warn_about_open_doors(self.settings)
         self.pipeline = SegmentationPipeline(
             self.registry,
-            RemotePredictor(self.runner, self.registry),
+            RunnerServicePredictor(self.runner, self.registry),
             roots=path_roots(self.settings),
             settings=self.settings,
             dicom_nodes=self.dicom_nodes,
@@ -133,7 +133,7 @@ class SegmentationServiceBase:
         self.device: str | None = None
         self.device_query: asyncio.Future | None = None
         self.get_routes.state.service = self
-        self.get_routes.state.remote = RemoteRoutes(self)
+        self.get_routes.state.jobs = JobRoutes(self)
 
     @bentoml.api(input_spec=InferenceRequest)
     async def infer(self, **fields: Any) -> dict[str, Any]:
@@ -234,8 +234,8 @@ class SegmentationServiceBase:
 
 
 def build_get_routes() -> Starlette:
-    """GET /model_info, /request-params and /dicom-nodes (the seed's curl examples use GET),
-    and the upload and job routes of remote_routes."""
+    """GET /model_info, /request-params and /dicom-nodes (nnunet_serve's curl examples use GET),
+    and the upload and job routes of job_routes."""
 
     async def model_info(request: Request) -> JSONResponse:
         return JSONResponse(await request.app.state.service.describe_models())
@@ -246,9 +246,9 @@ def build_get_routes() -> Starlette:
     async def dicom_nodes(request: Request) -> JSONResponse:
         return JSONResponse(node_kinds(request.app.state.service.dicom_nodes))
 
-    def remote(name: str) -> Callable[[Request], Awaitable[Response]]:
+    def job_route(name: str) -> Callable[[Request], Awaitable[Response]]:
         async def handle(request: Request) -> Response:
-            return await getattr(request.app.state.remote, name)(request)
+            return await getattr(request.app.state.jobs, name)(request)
 
         return handle
 
@@ -258,8 +258,8 @@ def build_get_routes() -> Starlette:
             Route("/request-params", request_params, methods=["GET"]),
             Route("/dicom-nodes", dicom_nodes, methods=["GET"]),
             *(
-                Route(route.path, remote(route.name), methods=route.methods)
-                for route in REMOTE_ROUTES
+                Route(route.path, job_route(route.name), methods=route.methods)
+                for route in JOB_ROUTES
             ),
         ]
     )

@@ -7,7 +7,7 @@ import time
 import pytest
 from status_server import recording_server
 
-from nnunet_bento.jobs import JobReporter, post_status, update_log_file
+from nnunet_bento.cli.status_report import JobReporter, post_status, update_log_file
 
 
 def test_status_is_posted_as_the_seed_describes(tmp_path):

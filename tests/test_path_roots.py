@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from nnunet_bento.errors import ForbiddenPathError, RequestError
-from nnunet_bento.io.sandbox import PathRoots
+from nnunet_bento.io.path_roots import PathRoots
 
 
 @pytest.fixture

@@ -46,14 +46,14 @@ RETRY_HEADERS = {"Retry-After": "10"}
 
 @dataclass(frozen=True)
 class RouteSpec:
-    """A route of RemoteRoutes: its path, methods and the RemoteRoutes method that answers."""
+    """A route of JobRoutes: its path, methods and the JobRoutes method that answers."""
 
     path: str
     methods: list[str]
     name: str
 
 
-REMOTE_ROUTES = (
+JOB_ROUTES = (
     RouteSpec("/infer_file", ["POST"], "infer_file"),
     RouteSpec("/jobs", ["POST"], "submit"),
     RouteSpec("/jobs/upload", ["POST"], "submit_upload"),
@@ -208,7 +208,7 @@ def zip_response(path: Path, remove: Path | None = None) -> FileResponse:
     return FileResponse(path, media_type="application/zip", filename="result.zip", background=task)
 
 
-class RemoteRoutes:
+class JobRoutes:
     """The upload and job routes of one API worker, running on its SegmentationService."""
 
     def __init__(self, service: Any) -> None:

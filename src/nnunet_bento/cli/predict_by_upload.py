@@ -17,7 +17,7 @@ from ..settings import load_settings
 SERVER_SET = {"study_path", "output_dir", "overwrite"}
 
 
-def remote_fields(request: InferenceRequest) -> dict:
+def upload_fields(request: InferenceRequest) -> dict:
     """The upload's request part: what the flags gave, without what the server sets."""
     return request.model_dump(mode="json", exclude_none=True, exclude=SERVER_SET)
 
@@ -42,13 +42,13 @@ def rename_outputs(result: Path, suffix: str | None, staging: OutputStaging) -> 
     return written
 
 
-def run_remote(args: argparse.Namespace, request: InferenceRequest) -> str:
+def run_by_upload(args: argparse.Namespace, request: InferenceRequest) -> str:
     """Run ``request`` on the server at --url; returns the log line of what was written."""
     study = Path(request.study_path or ".")
     with tempfile.TemporaryDirectory(prefix="nnunet-bento-remote-") as work:
         with Client(args.url, token=args.token) as client:
             response = client.infer_study(
-                study, Path(work) / "result", study_members(request), **remote_fields(request)
+                study, Path(work) / "result", study_members(request), **upload_fields(request)
             )
         output = Path(args.output_dir).resolve()
         settings = load_settings()
