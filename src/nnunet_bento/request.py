@@ -6,6 +6,7 @@ list with one value per model), and the CLI derives its flags' help from them to
 """
 
 import re
+from dataclasses import dataclass
 from typing import Annotated, Any, Literal, get_args, get_origin
 
 from pydantic import (
@@ -28,6 +29,99 @@ SUFFIX_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 UID_PATTERN = r"^[0-9]+(\.[0-9]+)*$"
 CascadeMode = Literal["intersect", "crop"]
 SegmentationType = Literal["binary", "labelmap"]
+
+#: The steps of one stage, in order: progress reports, job statuses and timings name them.
+STEPS = ("read", "predict", "postprocess", "export", "preview")
+#: Fields that name a path on the server's disk (checked against the path roots).
+PATH_FIELDS = (
+    "study_path",
+    "output_dir",
+    "tmp_dir",
+    "series_folders",
+    "intersect_with",
+    "crop_from",
+)
+#: Fields that the server sets itself for an uploaded study: an upload may not give them.
+SERVER_SET_FIELDS = ("study_path", "output_dir", "dicom_source", "overwrite")
+#: The reference fields of a stage, and the cascade_mode that supplies each from the stage before.
+REFERENCE_FIELDS: dict[str, CascadeMode] = {"intersect_with": "intersect", "crop_from": "crop"}
+
+
+@dataclass(frozen=True)
+class OutputKind:
+    """One kind of output file: its response field, its file names and what it holds.
+
+    File names are templates of {stage}, {suffix} (``_<suffix>`` or nothing) and, for
+    per-channel kinds, {channel}: ``api_name`` under output_dir for /infer (a folder per
+    stage), ``cli_name`` for `nnunet-bento predict` (one model, files directly in -o).
+    """
+
+    name: str
+    field: str
+    api_name: str
+    cli_name: str
+    description: str
+    dicom: bool = False
+    per_channel: bool = False
+
+
+OUTPUT_KINDS = (
+    OutputKind(
+        "prediction",
+        "nifti_prediction",
+        "stage_{stage}/prediction{suffix}.nii.gz",
+        "prediction{suffix}.nii.gz",
+        "The mask (NIfTI), one per stage.",
+    ),
+    OutputKind(
+        "proba",
+        "nifti_proba",
+        "stage_{stage}/proba{suffix}.nii.gz",
+        "probabilities{suffix}.nii.gz",
+        "The kept labels' probability map (NIfTI; save_proba_map).",
+    ),
+    OutputKind(
+        "input",
+        "nifti_inputs",
+        "stage_{stage}/volume_{channel:04d}{suffix}.nii.gz",
+        "volume_{channel:04d}{suffix}.nii.gz",
+        "The input volumes as NIfTI, one per channel (save_nifti_inputs).",
+        per_channel=True,
+    ),
+    OutputKind(
+        "segmentation",
+        "dicom_segmentation",
+        "stage_{stage}/prediction{suffix}.dcm",
+        "prediction{suffix}.dcm",
+        "The mask as DICOM-SEG (is_dicom); none for an empty stage.",
+        dicom=True,
+    ),
+    OutputKind(
+        "fractional_segmentation",
+        "dicom_fractional_segmentation",
+        "stage_{stage}/proba{suffix}.dcm",
+        "proba{suffix}.dcm",
+        "The probability map as DICOM-SEG (is_dicom and save_proba_map).",
+        dicom=True,
+    ),
+    OutputKind(
+        "struct",
+        "dicom_struct",
+        "stage_{stage}/struct{suffix}.dcm",
+        "struct{suffix}.dcm",
+        "The mask as RT Struct (save_rt_struct_output); none for an empty stage.",
+        dicom=True,
+    ),
+    OutputKind(
+        "preview",
+        "preview",
+        "stage_{stage}/preview{suffix}.png",
+        "preview{suffix}.png",
+        "Three slices through the mask with each label's outline (save_preview).",
+    ),
+)
+OUTPUT_FIELDS = tuple(kind.field for kind in OUTPUT_KINDS)
+DICOM_OUTPUT_FIELDS = tuple(kind.field for kind in OUTPUT_KINDS if kind.dicom)
 
 
 class StageSettings(BaseModel):
@@ -334,52 +428,62 @@ def format_validation_error(error: ValidationError) -> str:
     )
 
 
-class StageOutputs(BaseModel):
-    """The files one stage wrote, relative names resolved under output_dir."""
+def _stage_output_field(kind: OutputKind) -> tuple[Any, Any]:
+    """A stage's record of one output kind: its final path(s), or none."""
+    if kind.field == "nifti_prediction":
+        return str, Field(description=kind.description)
+    if kind.per_channel:
+        return list[str], Field(default_factory=list, description=kind.description)
+    return str | None, Field(None, description=kind.description)
+
+
+class StageRecord(BaseModel):
+    """What one stage was: its index, model and whether its mask is empty."""
 
     stage: int
     nnunet_id: str
     is_empty: bool
-    nifti_prediction: str
-    nifti_proba: str | None = None
-    nifti_inputs: list[str] = Field(default_factory=list)
-    dicom_segmentation: str | None = None
-    dicom_fractional_segmentation: str | None = None
-    dicom_struct: str | None = None
-    preview: str | None = None
 
 
-class InferenceResponse(BaseModel):
-    """Body of a successful /infer: nnunet_serve's fields plus timings and per-stage detail."""
+StageOutputs = create_model(
+    "StageOutputs",
+    __base__=StageRecord,
+    __doc__="The files one stage wrote: final paths under output_dir, one field per kind.",
+    **{kind.field: _stage_output_field(kind) for kind in OUTPUT_KINDS},
+)
+
+
+class ResponseFields(BaseModel):
+    """The fields of a successful /infer besides the output lists."""
 
     status: Literal["done"] = "done"
     time_elapsed: float = Field(description="Seconds for the whole request.")
     timings: dict[str, float] = Field(
-        description="Seconds per step: read, predict, postprocess, export and preview."
+        description=f"Seconds per step: {', '.join(STEPS)}, summed over stages."
     )
     gpu: int | None = Field(description="CUDA device index used, or null on the CPU.")
     device: str = Field(description="Device that ran the model, e.g. cuda:0 or cpu.")
     nnunet_path: str | list[str] = Field(description="Model(s) used: Bento tag or rel_path.")
     metadata: dict[str, Any] | list[dict[str, Any] | None] | None = None
     request: dict[str, Any]
-    nifti_prediction: list[str]
-    nifti_proba: list[str]
-    nifti_inputs: list[str]
-    dicom_segmentation: list[str] = Field(
-        default_factory=list, description="DICOM-SEG per stage; none for an empty stage."
-    )
-    dicom_fractional_segmentation: list[str] = Field(
-        default_factory=list, description="Probability maps as DICOM-SEG (save_proba_map)."
-    )
-    dicom_struct: list[str] = Field(
-        default_factory=list, description="RT Struct per stage (save_rt_struct_output)."
-    )
-    preview: list[str] = Field(
-        default_factory=list, description="Preview PNG per stage (save_preview)."
-    )
     push: list[dict[str, Any]] = Field(
         default_factory=list,
         description="Per push_to node and file: node, file, sop_instance_uid, status (stored "
         "or failed) and the node's reason.",
     )
+    warnings: list[str] = Field(
+        default_factory=list, description="What the request asked that was not done, and why."
+    )
     stages: list[StageOutputs]
+
+
+InferenceResponse = create_model(
+    "InferenceResponse",
+    __base__=ResponseFields,
+    __doc__="Body of a successful /infer: nnunet_serve's fields plus timings and per-stage "
+    "detail. Each output field lists the files of that kind over all stages.",
+    **{
+        kind.field: (list[str], Field(default_factory=list, description=kind.description))
+        for kind in OUTPUT_KINDS
+    },
+)

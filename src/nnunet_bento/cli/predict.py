@@ -17,13 +17,13 @@ from ..catalog.registry import Registry, build_registry, weights_source
 from ..catalog.spec import MetadataPath, ModelEntry, ServeSpec, load_spec
 from ..errors import NnunetBentoError, RequestError
 from ..export import CLI_LAYOUT
-from .status_report import JobReporter
 from ..pacs.nodes import load_nodes
 from ..pipeline import STEPS, SegmentationPipeline
 from ..request import InferenceRequest, field_help
 from ..runners.device import DeviceSelector
 from ..runners.nnunet_runner import RunnerModel, RunnerSet
 from ..settings import load_settings
+from .status_report import JobReporter
 
 logger = logging.getLogger("nnunet_bento.predict")
 

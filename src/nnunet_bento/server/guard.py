@@ -1,7 +1,8 @@
 """ASGI middleware that guards the HTTP door: Origin, CORS, bearer token and Content-Type.
 
 It decides from the request headers alone, never reads the request body and never echoes the
-token. Its refusals are JSON in the nnunet_serve-compatible shape: {"status": "failed", "error": ...}.
+token. Its refusals are JSON in the nnunet_serve-compatible shape:
+{"status": "failed", "error": ...}.
 """
 
 import hmac
