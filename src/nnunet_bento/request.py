@@ -346,10 +346,11 @@ class RequestFields(BaseModel):
 InferenceRequest = create_model(
     "InferenceRequest",
     __base__=RequestFields,
-    __doc__="Body of POST /infer: the nnunet_serve-compatible request. Per-model fields take one value for "
-    "every model, or a list with one value per model; list-valued ones (series_folders, "
-    "use_folds, crop_padding, class_idx) take a flat list for every model, or a list of lists. "
-    "A value not given (null) comes from the model's default_args, else the server default.",
+    __doc__="Body of POST /infer: the nnunet_serve-compatible request. Per-model fields take "
+    "one value for every model, or a list with one value per model; list-valued ones "
+    "(series_folders, use_folds, crop_padding, class_idx) take a flat list for every model, or "
+    "a list of lists. A value not given (null) comes from the model's default_args, else the "
+    "server default.",
     **{name: _per_model_field(name, info) for name, info in StageSettings.model_fields.items()},
 )
 

@@ -1,4 +1,5 @@
-"""Job status, as nnunet_serve's entrypoint posts and logs it: {job_id, status, output_error, output_log}."""
+"""Job status, as nnunet_serve's entrypoint posts and logs it:
+{job_id, status, output_error, output_log}."""
 
 import json
 import logging

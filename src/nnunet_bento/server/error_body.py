@@ -1,4 +1,5 @@
-"""The nnunet_serve-compatible error body, {status: failed, error}, for our errors and BentoML's own."""
+"""The nnunet_serve-compatible error body, {status: failed, error}, for our errors and
+BentoML's own."""
 
 import json
 from typing import Any
@@ -16,7 +17,7 @@ def error_response(
 
 
 def error_body_of(body: bytes) -> bytes:
-    """Rewrite BentoML's own error JSON (e.g. validation errors) into the nnunet_serve-compatible form."""
+    """BentoML's own error JSON (e.g. validation errors) in the nnunet_serve-compatible form."""
     try:
         payload = json.loads(body)
     except ValueError:
