@@ -3,7 +3,8 @@
 import pytest
 
 from nnunet_bento.errors import RequestError
-from nnunet_bento.request import InferenceRequest, cascade_modes, merge_stage_settings
+from nnunet_bento.plan import cascade_modes, merge_stage_settings
+from nnunet_bento.request import InferenceRequest
 
 
 def request(**fields) -> InferenceRequest:

@@ -1,73 +1,40 @@
-"""How one stage's mask limits another: references, crop boxes, the crop and the paste back.
+"""How one stage's mask limits another: the reference mask, crop boxes, the crop and the paste
+back.
 
-A stage's ``intersect_with`` or ``crop_from`` names a mask file under the study, or an
-earlier stage's mask as ``stage_N``. In a cascade, ``cascade_mode`` of the transition into a
-stage supplies the previous stage's mask as its overlap reference (``intersect``) or crop
-reference (``crop``) when the stage names none itself. With a crop reference, the model runs
-on the padded box around the mask and its result is pasted back into the full grid.
+The plan resolves which mask limits a stage (a file under the study, or an earlier stage's
+mask, with cascade_mode applied). Here that mask is put on the stage's grid; with a crop
+reference, the model runs on the padded box around the mask and its result is pasted back
+into the full grid.
 """
 
-import re
 from collections.abc import Callable
 from dataclasses import replace
-from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
 
 from .errors import RequestError
 from .io.images import NnunetInput, image_file_in, nnunet_properties, read_image, resample_mask_onto
+from .plan import Reference
 from .runners.protocol import PredictionResult
 
-STAGE_REFERENCE = re.compile(r"^stage_(\d+)$")
-REFERENCE_FIELDS = {"intersect_with": "intersect", "crop_from": "crop"}
 Box = tuple[slice, slice, slice]
 
 
-def earlier_stage(name: str) -> int | None:
-    """N for ``stage_N``, else None (a file)."""
-    match = STAGE_REFERENCE.match(name)
-    return int(match.group(1)) if match else None
-
-
-def check_stage_reference(field: str, name: str | None, stage_index: int) -> None:
-    """A stage may only name a stage that runs before it."""
-    referenced = None if name is None else earlier_stage(name)
-    if referenced is not None and referenced >= stage_index:
-        raise RequestError(
-            f"{field} {name!r} of stage {stage_index} names a stage that has not run before it"
-        )
-
-
-def stage_reference(
-    field: str, own: str | None, stage_index: int, cascade_mode: str | None
-) -> str | None:
-    """The mask that limits a stage for ``field`` (intersect_with or crop_from).
-
-    The stage's own setting wins; else the previous stage's mask when the transition's
-    cascade_mode is the one the field stands for.
-    """
-    if own is None and stage_index > 0 and cascade_mode == REFERENCE_FIELDS[field]:
-        return f"stage_{stage_index - 1}"
-    return own
-
-
 def reference_mask(
-    name: str,
-    file: Path | None,
+    reference: Reference,
     earlier_masks: list[sitk.Image],
     grid: sitk.Image,
     max_voxels: int | None = None,
 ) -> np.ndarray:
-    """The mask ``name`` stands for on ``grid`` (nearest neighbour), as a (z, y, x) array:
-    an earlier stage's mask for ``stage_N``, else the (checked) ``file``, which must be a
-    grayscale image of the grid's dimension."""
-    index = earlier_stage(name)
-    if index is not None:
-        mask = earlier_masks[index]
+    """The reference's mask on ``grid`` (nearest neighbour), as a (z, y, x) array: an earlier
+    stage's mask, else the checked file, which must be a grayscale image of the grid's
+    dimension."""
+    if reference.stage is not None:
+        mask = earlier_masks[reference.stage]
     else:
-        assert file is not None, "check_request_paths resolves every mask file"
-        mask = read_image(image_file_in(file), (grid.GetDimension(),), max_voxels)
+        assert reference.file is not None, "the plan resolves every mask file"
+        mask = read_image(image_file_in(reference.file), (grid.GetDimension(),), max_voxels)
     return sitk.GetArrayFromImage(resample_mask_onto(mask, grid))
 
 
@@ -119,18 +86,20 @@ def predict_in_box(
     crop_mask: np.ndarray,
     padding: tuple[int, int, int],
     labels: tuple[int, ...],
-    explicit: str | None,
+    crop_from: Reference,
 ) -> PredictionResult:
     """Run ``predict`` on the padded box around ``crop_mask`` and paste the result back.
 
-    An empty mask named by the stage itself (``explicit``) is the caller's error; an empty
-    previous stage in a crop cascade gives an empty result without running the model.
+    An empty mask that the stage names itself is the caller's error; an empty previous
+    stage in a crop cascade gives an empty result without running the model.
     """
     shape = image.array.shape[1:]
     box = bounding_box(crop_mask, padding)
     if box is None:
-        if explicit is not None:
-            raise RequestError(f"crop_from mask {explicit!r} is empty: there is nothing to crop to")
+        if crop_from.explicit:
+            raise RequestError(
+                f"crop_from mask {crop_from.name!r} is empty: there is nothing to crop to"
+            )
         return nothing_to_predict(labels, shape)
     cropped = predict(crop_input(image, box))
     return replace(

@@ -26,6 +26,7 @@ from tqdm import tqdm
 
 from .errors import NnunetBentoError
 from .io.archive import ArchiveLimits, extract_study
+from .request import OUTPUT_FIELDS, STEPS
 
 RETRIED_STATUS = 503
 DONE = ("done", "failed", "cancelled")
@@ -120,12 +121,11 @@ class Client:
 
     def wait(self, job_id: str, n_stages: int, poll_s: float) -> dict[str, Any]:
         """Poll the job until it ends, with a progress bar of stage and step on a terminal."""
-        steps = ("read", "predict", "postprocess", "export", "preview")
-        with tqdm(total=n_stages * len(steps), unit="step", disable=not sys.stderr.isatty()) as bar:
+        with tqdm(total=n_stages * len(STEPS), unit="step", disable=not sys.stderr.isatty()) as bar:
             while True:
                 status = self.status(job_id)
-                if status["stage"] is not None and status["step"] in steps:
-                    bar.n = status["stage"]["index"] * len(steps) + steps.index(status["step"])
+                if status["stage"] is not None and status["step"] in STEPS:
+                    bar.n = status["stage"]["index"] * len(STEPS) + STEPS.index(status["step"])
                     bar.set_postfix_str(f"stage {status['stage']['index']}: {status['step']}")
                     bar.refresh()
                 if status["status"] in DONE:
@@ -196,18 +196,9 @@ def localised(extracted: Path, output_dir: Path) -> dict[str, Any]:
 
 def map_paths(value: Any, local: Callable[[str], str]) -> Any:
     """Apply ``local`` to every output path (the strings of the response's file fields)."""
-    file_fields = {
-        "nifti_prediction",
-        "nifti_proba",
-        "nifti_inputs",
-        "dicom_segmentation",
-        "dicom_fractional_segmentation",
-        "dicom_struct",
-        "preview",
-    }
     if isinstance(value, dict):
         return {
-            key: (map_paths_in(item, local) if key in file_fields else map_paths(item, local))
+            key: (map_paths_in(item, local) if key in OUTPUT_FIELDS else map_paths(item, local))
             for key, item in value.items()
         }
     if isinstance(value, list):

@@ -1,39 +1,40 @@
-"""One request, top to bottom: plan -> read -> predict -> export. No BentoML here."""
+"""One request, top to bottom: plan -> (pull) -> read -> predict -> postprocess -> export ->
+commit -> (push). The plan decides; each step applies it. No BentoML here."""
 
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import SimpleITK as sitk
 
-from .cascade import check_stage_reference, predict_in_box, reference_mask, stage_reference
+from .cascade import predict_in_box, reference_mask
 from .catalog.registry import Registry
-from .dicom_exchange import DicomExchange
-from .errors import InputNotFoundError, NnunetBentoError, RequestError, TooLargeError
-from .export import API_LAYOUT, OutputLayout, export_preview, export_stage
+from .dicom_exchange import pulled_study, push_outputs
+from .errors import NnunetBentoError, TooLargeError
+from .export import export_preview, export_stage
 from .io.dicom_series import read_dicom_series
 from .io.images import NnunetInput, image_file_in, image_like, read_image, to_nnunet_input
 from .io.path_roots import PathRoots
 from .io.staging import OutputStaging
 from .pacs.nodes import DicomNode
+from .plan import API_LAYOUT, OutputLayout, RequestPlan, RequestPlanner, StagePlan
 from .postprocess import postprocess
 from .request import (
+    DICOM_OUTPUT_FIELDS,
+    OUTPUT_KINDS,
     InferenceRequest,
     InferenceResponse,
     StageOutputs,
-    cascade_modes,
-    merge_stage_settings,
+    stage_files,
 )
-from .request_paths import RequestPaths, check_request_paths
 from .runners.protocol import PredictionJob, PredictionResult, Predictor
 from .settings import ServeSettings, load_settings
-from .stage import Stage, StageInput, StageMasks
+from .stage import StageInput, StageMasks
 
 StepCallback = Callable[[int, str], None]
-STEPS = ("read", "predict", "postprocess", "export", "preview")
 UNRESTRICTED = PathRoots(input_roots=None, output_root=None)
 
 
@@ -69,12 +70,18 @@ def writing_into(staging: OutputStaging) -> Iterator[None]:
         raise staging.write_error(error) from error
 
 
-@dataclass(frozen=True)
-class Plan:
-    """A request's stages and its checked paths."""
-
-    stages: list[Stage]
-    paths: RequestPaths
+def stage_record(
+    stage: StagePlan, written: dict[str, list[str]], staging: OutputStaging, is_empty: bool
+) -> StageOutputs:
+    """A stage's record: the final path of every file it wrote, by output kind."""
+    paths = {
+        kind: [str(staging.final_path(name)) for name in names] for kind, names in written.items()
+    }
+    fields: dict[str, Any] = {}
+    for kind in OUTPUT_KINDS:
+        found = paths.get(kind.name, [])
+        fields[kind.field] = found if kind.per_channel else (found[0] if found else None)
+    return StageOutputs(stage=stage.index, nnunet_id=stage.model.id, is_empty=is_empty, **fields)
 
 
 class SegmentationPipeline:
@@ -89,106 +96,43 @@ class SegmentationPipeline:
         settings: ServeSettings | None = None,
         dicom_nodes: dict[str, DicomNode] | None = None,
     ):
-        self.registry = registry
         self.predictor = predictor
-        self.layout = layout
         self.roots = roots
         self.settings = settings or load_settings()
-        self.exchange = DicomExchange(dicom_nodes or {}, self.settings.nnunet_bento_work_dir)
+        self.planner = RequestPlanner(registry, roots, dicom_nodes or {}, layout)
 
-    def plan(self, request: InferenceRequest) -> Plan:
-        """Resolve the models, merge their default_args into per-stage settings, and check
-        every path against the roots before anything on the disk is looked at."""
-        models = [self.registry.get(model_id) for model_id in request.model_ids]
-        settings = merge_stage_settings(request, [m.entry.default_args for m in models])
-        modes = [None, *cascade_modes(request)]
-        stages = [
-            Stage(i, m, s, mode)
-            for i, (m, s, mode) in enumerate(zip(models, settings, modes, strict=True))
-        ]
-        paths = check_request_paths(self.roots, request.study_path, request.output_dir, stages)
-        if not paths.study.is_dir():
-            raise InputNotFoundError(f"study_path {request.study_path} does not exist")
-        if request.save_rt_struct_output and not request.is_dicom:
-            raise RequestError("save_rt_struct_output needs is_dicom: RT Struct refers to DICOM")
-        for stage in stages:
-            for field in ("intersect_with", "crop_from"):
-                check_stage_reference(field, getattr(stage.settings, field), stage.index)
-            self._check_dicom_export(request, stage)
-            stage.model.description.check_checkpoints(
-                stage.model.id, stage.settings.use_folds, stage.settings.checkpoint_name
-            )
-            unknown = set(stage.settings.class_idx or ()) - set(stage.labels)
-            if unknown:
-                raise RequestError(
-                    f"class_idx {sorted(unknown)} not among model {stage.model.id!r}'s labels "
-                    f"{stage.model.description.foreground_labels}"
-                )
-            expected = stage.model.description.num_channels
-            given = len(stage.settings.series_folders)
-            if given != expected:
-                channels = ", ".join(stage.model.description.channel_names.values())
-                raise RequestError(
-                    f"model {stage.model.id!r} takes {expected} series ({channels}); "
-                    f"series_folders gives {given}"
-                )
-        return Plan(stages, paths)
+    def plan(self, request: InferenceRequest) -> RequestPlan:
+        """The request resolved and checked, before any work."""
+        return self.planner.plan(request)
 
-    @staticmethod
-    def _check_dicom_export(request: InferenceRequest, stage: Stage) -> None:
-        if not request.is_dicom:
-            return
-        if stage.model.seg_metadata is None:
-            raise RequestError(
-                f"model {stage.model.id!r} has no DICOM metadata: give a DCMQI template "
-                "(--metadata_path, or metadata in its spec entry) to export DICOM"
-            )
-        settings = stage.settings
-        if settings.lossless_compression and settings.segmentation_type == "binary":
-            raise RequestError(
-                "lossless_compression needs segmentation_type labelmap: highdicom compresses "
-                "BINARY SEG only with JPEG 2000, which is not available"
-            )
-        kept = settings.class_idx or stage.labels
-        if settings.save_proba_map and settings.fractional_as_segments and len(kept) != 1:
-            raise RequestError(
-                f"fractional_as_segments bins one probability map; model {stage.model.id!r} "
-                f"gives {len(kept)} labels {list(kept)}: select one with class_idx"
-            )
-
-    def read(self, request: InferenceRequest, folders: tuple[Path, ...]) -> StageInput:
+    def read(self, stage: StagePlan) -> StageInput:
         """The stage's series on the first series' grid, with the DICOM source if any."""
         max_voxels = self.settings.nnunet_bento_max_voxels
-        if request.is_dicom:
-            sources = [read_dicom_series(folder, max_voxels) for folder in folders]
+        if stage.is_dicom:
+            sources = [read_dicom_series(folder, max_voxels) for folder in stage.series]
             return StageInput(to_nnunet_input([s.image for s in sources]), sources[0])
-        images = [read_image(image_file_in(f), max_voxels=max_voxels) for f in folders]
+        images = [read_image(image_file_in(f), max_voxels=max_voxels) for f in stage.series]
         return StageInput(to_nnunet_input(images), None)
 
     def predict(
-        self, paths: RequestPaths, stage: Stage, image: NnunetInput, masks: list[sitk.Image]
+        self, stage: StagePlan, image: NnunetInput, masks: list[sitk.Image]
     ) -> PredictionResult:
         """Run the model; with a crop reference, on the padded box around it, pasted back."""
-        settings = stage.settings
-        crop_from = stage_reference(
-            "crop_from", settings.crop_from, stage.index, stage.cascade_mode
-        )
-        if crop_from is None:
+        if stage.crop_from is None:
             return self._predict(stage, image)
-        crop_file = paths.masks[stage.index].get("crop_from")
         crop_mask = reference_mask(
-            crop_from, crop_file, masks, image.reference, self.settings.nnunet_bento_max_voxels
+            stage.crop_from, masks, image.reference, self.settings.nnunet_bento_max_voxels
         )
         return predict_in_box(
             lambda cropped: self._predict(stage, cropped),
             image,
             crop_mask,
-            settings.crop_padding,
+            stage.settings.crop_padding,
             stage.kept_labels,
-            explicit=settings.crop_from,
+            stage.crop_from,
         )
 
-    def _predict(self, stage: Stage, image: NnunetInput) -> PredictionResult:
+    def _predict(self, stage: StagePlan, image: NnunetInput) -> PredictionResult:
         kept = stage.kept_labels if stage.needs_probabilities else None
         if kept is not None:
             self._check_probability_memory(stage, image, len(kept))
@@ -196,8 +140,8 @@ class SegmentationPipeline:
             model_id=stage.model.id,
             image=image.array,
             properties=image.properties,
-            folds=tuple(stage.settings.use_folds),
-            checkpoint_name=stage.settings.checkpoint_name,
+            folds=stage.weights.folds,
+            checkpoint_name=stage.weights.checkpoint_name,
             tta=stage.settings.tta,
             probability_labels=kept,
         )
@@ -205,37 +149,27 @@ class SegmentationPipeline:
 
     def postprocess(
         self,
-        paths: RequestPaths,
-        stage: Stage,
+        stage: StagePlan,
         image: NnunetInput,
         result: PredictionResult,
         masks: list[sitk.Image],
     ) -> StageMasks:
-        settings = stage.settings
-        intersect_with = stage_reference(
-            "intersect_with", settings.intersect_with, stage.index, stage.cascade_mode
-        )
         reference = (
             None
-            if intersect_with is None
+            if stage.intersect_with is None
             else reference_mask(
-                intersect_with,
-                paths.masks[stage.index].get("intersect_with"),
+                stage.intersect_with,
                 masks,
                 image.reference,
                 self.settings.nnunet_bento_max_voxels,
             )
         )
         segmentation, probabilities, labels = postprocess(
-            result.segmentation,
-            result.probabilities,
-            stage.kept_labels,
-            settings,
-            reference,
+            result.segmentation, result.probabilities, stage.kept_labels, stage.settings, reference
         )
-        return StageMasks(segmentation, probabilities if settings.save_proba_map else None, labels)
+        return StageMasks(segmentation, probabilities if stage.wants("proba") else None, labels)
 
-    def _check_probability_memory(self, stage: Stage, image: NnunetInput, labels: int) -> None:
+    def _check_probability_memory(self, stage: StagePlan, image: NnunetInput, labels: int) -> None:
         """413 when the kept labels' float32 probabilities would pass the configured bound."""
         needed_mb = image.array[0].size * labels * 4 / 2**20
         bound = self.settings.nnunet_bento_max_probability_mb
@@ -247,37 +181,35 @@ class SegmentationPipeline:
             )
 
     def _run_stages(
-        self, request: InferenceRequest, plan: Plan, timings: Timings
+        self, plan: RequestPlan, timings: Timings
     ) -> tuple[list[PredictionResult], list[StageOutputs]]:
         """Read, predict, postprocess and export each stage into staging; commit at the end."""
         results: list[PredictionResult] = []
-        stage_outputs: list[StageOutputs] = []
+        records: list[StageOutputs] = []
         stage_masks: list[sitk.Image] = []
         with OutputStaging(
-            plan.paths.output_dir,
+            plan.output_dir,
             self.settings.nnunet_bento_work_dir,
-            overwrite=request.overwrite,
-            shown=plan.paths.output_shown,
+            overwrite=plan.request.overwrite,
+            shown=plan.output_shown,
         ) as staging:
             for stage in plan.stages:
                 with timings.step("read", stage.index):
-                    stage_input = self.read(request, plan.paths.series[stage.index])
+                    stage_input = self.read(stage)
                 image = stage_input.image
                 with timings.step("predict", stage.index):
-                    results.append(self.predict(plan.paths, stage, image, stage_masks))
+                    results.append(self.predict(stage, image, stage_masks))
                 with timings.step("postprocess", stage.index):
-                    masks = self.postprocess(plan.paths, stage, image, results[-1], stage_masks)
+                    masks = self.postprocess(stage, image, results[-1], stage_masks)
                 stage_masks.append(image_like(masks.segmentation, image.reference))
                 with timings.step("export", stage.index), writing_into(staging):
-                    outputs = export_stage(request, stage, stage_input, masks, staging, self.layout)
-                if request.save_preview:
+                    written = export_stage(stage, stage_input, masks, staging)
+                if stage.wants("preview"):
                     with timings.step("preview", stage.index), writing_into(staging):
-                        outputs.preview = export_preview(
-                            request, stage, stage_input, masks, staging, self.layout
-                        )
-                stage_outputs.append(outputs)
+                        written.update(export_preview(stage, stage_input, masks, staging))
+                records.append(stage_record(stage, written, staging, not masks.segmentation.any()))
             timings.check()
-        return results, stage_outputs
+        return results, records
 
     def run(
         self,
@@ -285,69 +217,57 @@ class SegmentationPipeline:
         on_step: StepCallback | None = None,
         check: Callable[[], None] | None = None,
     ) -> InferenceResponse:
-        """Plan, then read, predict and export every stage; outputs appear only on success.
+        """Plan, then (pull,) read, predict and export every stage, commit, (push); outputs
+        appear only on success.
 
         ``on_step(stage, step)`` is called as each step starts (for progress displays).
         ``check()`` is called at each step boundary and before the commit: what it raises
         (a timeout, a cancellation) stops the request there, and nothing is committed.
         """
-        self.exchange.check(request)
-        if request.dicom_source is None:
-            response = self._run(request, on_step, check)
+        plan = self.planner.plan(request)
+        if plan.pull is None:
+            response = self._run(plan, on_step, check)
         else:
-            with self.exchange.pulled(request, self._stage_series(request)) as (study, series):
-                local = request.model_copy(
-                    update={"study_path": str(study), "series_folders": series}
+            with pulled_study(plan.pull, self.settings.nnunet_bento_work_dir) as (study, folders):
+                response = self._run(
+                    plan.with_pulled_study(self.roots, study, folders), on_step, check
                 )
-                response = self._run(local, on_step, check)
-            response.request = request.model_dump()
-        if request.push_to:
-            response.push = self.exchange.push(request, response)
+        if plan.push_to:
+            files = [
+                Path(path) for field in DICOM_OUTPUT_FIELDS for path in getattr(response, field)
+            ]
+            response.push = push_outputs(plan.push_to, files)
         return response
-
-    def _stage_series(self, request: InferenceRequest) -> list[list[str]]:
-        """Each model's series_folders, after default_args are merged in."""
-        models = [self.registry.get(model_id) for model_id in request.model_ids]
-        stages = merge_stage_settings(request, [m.entry.default_args for m in models])
-        return [stage.series_folders for stage in stages]
 
     def _run(
         self,
-        request: InferenceRequest,
+        plan: RequestPlan,
         on_step: StepCallback | None,
         check: Callable[[], None] | None,
     ) -> InferenceResponse:
-        """The run of a request whose study is a folder."""
+        """The run of a plan whose study is a folder."""
         started = time.perf_counter()
         timings = Timings(on_step, check)
-        plan = self.plan(request)
         try:
-            results, stage_outputs = self._run_stages(request, plan, timings)
+            results, records = self._run_stages(plan, timings)
         except NnunetBentoError as error:
-            raise type(error)(plan.paths.shown(str(error))) from error
-        stages = plan.stages
-        sources = [stage.model.source for stage in stages]
-        metadata = [stage.model.metadata_record for stage in stages]
+            raise type(error)(plan.shown(str(error))) from error
+        request = plan.request
+        single = isinstance(request.nnunet_id, str)
+        sources = [stage.model.source for stage in plan.stages]
+        metadata = [stage.model.metadata_record for stage in plan.stages]
         return InferenceResponse(
             time_elapsed=time.perf_counter() - started,
             timings=dict(timings.seconds),
             gpu=results[0].gpu,
             device=results[0].device,
-            nnunet_path=sources[0] if isinstance(request.nnunet_id, str) else sources,
-            metadata=metadata[0] if isinstance(request.nnunet_id, str) else metadata,
+            nnunet_path=sources[0] if single else sources,
+            metadata=metadata[0] if single else metadata,
             request=request.model_dump(),
-            nifti_prediction=[o.nifti_prediction for o in stage_outputs],
-            nifti_proba=[o.nifti_proba for o in stage_outputs if o.nifti_proba],
-            nifti_inputs=[path for o in stage_outputs for path in o.nifti_inputs],
-            dicom_segmentation=[
-                o.dicom_segmentation for o in stage_outputs if o.dicom_segmentation
-            ],
-            dicom_fractional_segmentation=[
-                o.dicom_fractional_segmentation
-                for o in stage_outputs
-                if o.dicom_fractional_segmentation
-            ],
-            dicom_struct=[o.dicom_struct for o in stage_outputs if o.dicom_struct],
-            preview=[o.preview for o in stage_outputs if o.preview],
-            stages=stage_outputs,
+            warnings=list(plan.warnings),
+            stages=records,
+            **{
+                kind.field: [path for record in records for path in stage_files(record, kind)]
+                for kind in OUTPUT_KINDS
+            },
         )

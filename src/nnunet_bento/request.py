@@ -55,6 +55,8 @@ class OutputKind:
     File names are templates of {stage}, {suffix} (``_<suffix>`` or nothing) and, for
     per-channel kinds, {channel}: ``api_name`` under output_dir for /infer (a folder per
     stage), ``cli_name`` for `nnunet-bento predict` (one model, files directly in -o).
+    A stage writes a kind when the request field ``asked_by`` is true (always when None) and,
+    for a DICOM kind, the request is DICOM.
     """
 
     name: str
@@ -62,6 +64,7 @@ class OutputKind:
     api_name: str
     cli_name: str
     description: str
+    asked_by: str | None = None
     dicom: bool = False
     per_channel: bool = False
 
@@ -80,6 +83,7 @@ OUTPUT_KINDS = (
         "stage_{stage}/proba{suffix}.nii.gz",
         "probabilities{suffix}.nii.gz",
         "The kept labels' probability map (NIfTI; save_proba_map).",
+        asked_by="save_proba_map",
     ),
     OutputKind(
         "input",
@@ -87,6 +91,7 @@ OUTPUT_KINDS = (
         "stage_{stage}/volume_{channel:04d}{suffix}.nii.gz",
         "volume_{channel:04d}{suffix}.nii.gz",
         "The input volumes as NIfTI, one per channel (save_nifti_inputs).",
+        asked_by="save_nifti_inputs",
         per_channel=True,
     ),
     OutputKind(
@@ -103,6 +108,7 @@ OUTPUT_KINDS = (
         "stage_{stage}/proba{suffix}.dcm",
         "proba{suffix}.dcm",
         "The probability map as DICOM-SEG (is_dicom and save_proba_map).",
+        asked_by="save_proba_map",
         dicom=True,
     ),
     OutputKind(
@@ -111,6 +117,7 @@ OUTPUT_KINDS = (
         "stage_{stage}/struct{suffix}.dcm",
         "struct{suffix}.dcm",
         "The mask as RT Struct (save_rt_struct_output); none for an empty stage.",
+        asked_by="save_rt_struct_output",
         dicom=True,
     ),
     OutputKind(
@@ -119,6 +126,7 @@ OUTPUT_KINDS = (
         "stage_{stage}/preview{suffix}.png",
         "preview{suffix}.png",
         "Three slices through the mask with each label's outline (save_preview).",
+        asked_by="save_preview",
     ),
 )
 OUTPUT_FIELDS = tuple(kind.field for kind in OUTPUT_KINDS)
@@ -396,46 +404,6 @@ def value_for_model(name: str, value: Any, index: int, n_models: int) -> Any:
     return value[index]
 
 
-def merge_stage_settings(
-    request: InferenceRequest, default_args: list[dict[str, Any]]
-) -> list[StageSettings]:
-    """One StageSettings per model: a value the request gives (not null) wins; else the
-    model's default_args (a list-valued default fills that model's slot); else the server
-    default in StageSettings."""
-    n_models = len(default_args)
-    if request.series_folders is None and not all("series_folders" in d for d in default_args):
-        raise RequestError("series_folders is missing and no model gives it in default_args")
-    stages = []
-    for index, defaults in enumerate(default_args):
-        values = {name: value for name, value in defaults.items() if name in PER_MODEL_FIELDS}
-        for name in PER_MODEL_FIELDS:
-            given = getattr(request, name)
-            if given is not None:
-                picked = value_for_model(name, given, index, n_models)
-                if picked is not None:
-                    values[name] = picked
-        try:
-            stages.append(StageSettings.model_validate(values))
-        except ValidationError as error:
-            raise RequestError(
-                f"model {request.model_ids[index]!r}: {format_validation_error(error)}"
-            ) from None
-    return stages
-
-
-def cascade_modes(request: InferenceRequest) -> list[CascadeMode]:
-    """One mode per transition between consecutive models."""
-    transitions = len(request.model_ids) - 1
-    modes = request.cascade_mode
-    if isinstance(modes, str):
-        return [modes] * transitions
-    if len(modes) not in (1, transitions):
-        raise RequestError(
-            f"cascade_mode has {len(modes)} values for {transitions} transition(s) between models"
-        )
-    return list(modes) * transitions if len(modes) == 1 else list(modes)
-
-
 def format_validation_error(error: ValidationError) -> str:
     """'field: message; field: message' from a pydantic error."""
     return "; ".join(
@@ -467,6 +435,12 @@ StageOutputs = create_model(
     __doc__="The files one stage wrote: final paths under output_dir, one field per kind.",
     **{kind.field: _stage_output_field(kind) for kind in OUTPUT_KINDS},
 )
+
+
+def stage_files(record: StageOutputs, kind: OutputKind) -> list[str]:
+    """The files of one kind in a stage's record."""
+    value = getattr(record, kind.field)
+    return value if kind.per_channel else [value] if value else []
 
 
 class ResponseFields(BaseModel):

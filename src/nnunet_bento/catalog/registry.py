@@ -1,7 +1,10 @@
 """The spec resolved against the model store and the file system, checked at start-up."""
 
+import hashlib
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +21,11 @@ from .totalseg import TotalsegTask, parse_task, task_folder, task_metadata
 from .weights_download import download_task_weights
 
 logger = logging.getLogger(__name__)
+
+
+@cache
+def cached_file_sha256(path: Path) -> str:
+    return file_sha256(path)
 
 
 @dataclass(frozen=True)
@@ -53,6 +61,18 @@ class RegisteredModel:
         if isinstance(self.entry.metadata, dict):
             return self.entry.metadata
         return self.seg_metadata.to_dcmqi() if self.seg_metadata else None
+
+    def checkpoint_sha256(self, folds: Sequence[int | str], checkpoint_name: str) -> str:
+        """SHA-256 of the checkpoint used; with several folds, of their hashes in fold order.
+        The hashes recorded at import are used; a model folder's files are hashed once."""
+        recorded = self.store_metadata.get("checkpoint_sha256", {})
+        hashes = []
+        for fold in folds:
+            relative = f"fold_{fold}/{checkpoint_name}"
+            hashes.append(recorded.get(relative) or cached_file_sha256(self.folder / relative))
+        if len(hashes) == 1:
+            return hashes[0]
+        return hashlib.sha256("".join(hashes).encode()).hexdigest()
 
     def info(self) -> dict[str, Any]:
         """The /model_info record: nnunet_serve's fields, with no absolute server path."""

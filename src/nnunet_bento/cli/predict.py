@@ -16,10 +16,10 @@ from tqdm import tqdm
 from ..catalog.registry import Registry, build_registry, weights_source
 from ..catalog.spec import MetadataPath, ModelEntry, ServeSpec, load_spec
 from ..errors import NnunetBentoError, RequestError
-from ..export import CLI_LAYOUT
 from ..pacs.nodes import load_nodes
-from ..pipeline import STEPS, SegmentationPipeline
-from ..request import InferenceRequest, field_help
+from ..pipeline import SegmentationPipeline
+from ..plan import CLI_LAYOUT
+from ..request import OUTPUT_FIELDS, STEPS, InferenceRequest, field_help
 from ..runners.device import DeviceSelector
 from ..runners.nnunet_runner import RunnerModel, RunnerSet
 from ..settings import load_settings
@@ -84,8 +84,8 @@ def add_predict_arguments(parser: argparse.ArgumentParser) -> None:
     add("--tta", "-t", action=argparse.BooleanOptionalAction, help=field_help("tta"))
     add(
         "--tmp_dir",
-        default=".tmp",
-        help="Temporary directory (outputs are staged inside --output_dir and moved when done)",
+        help="Accepted for compatibility and not used: outputs are staged inside --output_dir "
+        "and moved when done",
     )
     add(
         "--is_dicom",
@@ -189,7 +189,6 @@ def request_from(args: argparse.Namespace, model_id: str) -> InferenceRequest:
         checkpoint_name=args.checkpoint_name,
         use_folds=args.folds and [int(f) if f.isdigit() else f for f in args.folds],
         tta=args.tta,
-        tmp_dir=args.tmp_dir,
         is_dicom=args.is_dicom,
         save_proba_map=args.proba_map,
         proba_threshold=args.proba_threshold,
@@ -203,6 +202,7 @@ def request_from(args: argparse.Namespace, model_id: str) -> InferenceRequest:
         save_preview=args.preview,
         overwrite=True,
         push_to=args.push_to,
+        **({"tmp_dir": args.tmp_dir} if args.tmp_dir else {}),
     )
 
 
@@ -238,15 +238,9 @@ def run_predict(args: argparse.Namespace) -> str:
         started = time.perf_counter()
         response = local_pipeline(registry).run(request, on_step)
         bar.n = len(STEPS)
-    files = [
-        *response.nifti_prediction,
-        *response.nifti_proba,
-        *response.nifti_inputs,
-        *response.dicom_segmentation,
-        *response.dicom_fractional_segmentation,
-        *response.dicom_struct,
-        *response.preview,
-    ]
+    for warning in response.warnings:
+        logger.warning(warning)
+    files = [path for field in OUTPUT_FIELDS for path in getattr(response, field)]
     study = f", study {args.study_uid}" if args.study_uid else ""
     pushed = "".join(
         f"; {r['status']} on {r['node']}: {Path(r['file']).name}"

@@ -1,4 +1,5 @@
-"""`nnunet-bento predict --url URL`: the same flags, run on a remote server by upload.
+"""`nnunet-bento predict --url URL`: the same flags (but --dicom_source), run on a server by
+upload.
 
 The series (and the --intersect_with mask) are packed, run as an upload job, and the outputs
 come back under the command's own names, replacing the previous outputs in -o as a whole.
@@ -7,19 +8,24 @@ come back under the command's own names, replacing the previous outputs in -o as
 import argparse
 import tempfile
 from pathlib import Path
+from typing import Any
 
 from ..client import Client
-from ..export import API_LAYOUT, CLI_LAYOUT
+from ..errors import RequestError
 from ..io.staging import OutputStaging
-from ..request import InferenceRequest
+from ..plan import CLI_LAYOUT
+from ..request import OUTPUT_KINDS, SERVER_SET_FIELDS, InferenceRequest, StageOutputs, stage_files
 from ..settings import load_settings
-
-SERVER_SET = {"study_path", "output_dir", "overwrite"}
 
 
 def upload_fields(request: InferenceRequest) -> dict:
     """The upload's request part: what the flags gave, without what the server sets."""
-    return request.model_dump(mode="json", exclude_none=True, exclude=SERVER_SET)
+    if request.dicom_source is not None:
+        raise RequestError(
+            "--dicom_source pulls on the machine that runs the request: run it without --url, "
+            "or pull the series yourself and give their folders"
+        )
+    return request.model_dump(mode="json", exclude_none=True, exclude=set(SERVER_SET_FIELDS))
 
 
 def study_members(request: InferenceRequest) -> list[str]:
@@ -28,16 +34,15 @@ def study_members(request: InferenceRequest) -> list[str]:
     return [*members, request.intersect_with] if request.intersect_with else members
 
 
-def rename_outputs(result: Path, suffix: str | None, staging: OutputStaging) -> list[str]:
-    """Move the stage_0 outputs of ``result`` into ``staging`` under the command's names."""
+def rename_outputs(stage: dict[str, Any], suffix: str | None, staging: OutputStaging) -> list[str]:
+    """Move the files of the response's stage record into ``staging`` under the command's
+    names."""
+    record = StageOutputs.model_validate(stage)
     written = []
-    for kind in API_LAYOUT.templates:
-        for channel in range(64 if kind == "input" else 1):
-            source = result / API_LAYOUT.path(kind, 0, suffix, channel)
-            if not source.is_file():
-                break
-            name = CLI_LAYOUT.path(kind, 0, suffix, channel)
-            source.replace(staging.path(name))
+    for kind in OUTPUT_KINDS:
+        for channel, source in enumerate(stage_files(record, kind)):
+            name = CLI_LAYOUT.name(kind, 0, suffix, channel)
+            Path(source).replace(staging.path(name))
             written.append(str(staging.final_path(name)))
     return written
 
@@ -45,13 +50,14 @@ def rename_outputs(result: Path, suffix: str | None, staging: OutputStaging) -> 
 def run_by_upload(args: argparse.Namespace, request: InferenceRequest) -> str:
     """Run ``request`` on the server at --url; returns the log line of what was written."""
     study = Path(request.study_path or ".")
-    with tempfile.TemporaryDirectory(prefix="nnunet-bento-remote-") as work:
+    fields = upload_fields(request)
+    with tempfile.TemporaryDirectory(prefix="nnunet-bento-upload-") as work:
         with Client(args.url, token=args.token) as client:
             response = client.infer_study(
-                study, Path(work) / "result", study_members(request), **upload_fields(request)
+                study, Path(work) / "result", study_members(request), **fields
             )
         output = Path(args.output_dir).resolve()
         settings = load_settings()
         with OutputStaging(output, settings.nnunet_bento_work_dir, overwrite=True) as staging:
-            written = rename_outputs(Path(work) / "result", request.suffix, staging)
+            written = rename_outputs(response["stages"][0], request.suffix, staging)
     return f"{request.nnunet_id} on {response['device']} at {args.url}: wrote {', '.join(written)}"

@@ -16,8 +16,6 @@ from typing import Any
 
 import numpy as np
 
-from ..catalog.model_folder import ModelDescription, describe_model_folder
-from ..errors import RequestError
 from .labels import export_logits
 from .memory import return_freed_memory
 from .plans import ModelPlans, model_plans
@@ -37,28 +35,14 @@ LOGITS_DTYPE = np.float16  # what nnU-Net's sliding window accumulates and retur
 
 
 class SplitPredictor:
-    """Preprocess, hand the network step to ``network``, export; per job."""
+    """Preprocess, hand the network step to ``network``, export; per job. The job comes from
+    a checked plan: its model, folds, checkpoint and channels are not checked again."""
 
     def __init__(self, folders: dict[str, Path], network: NetworkCall, shared: bool) -> None:
         self.folders = folders
         self.network = network
         self.shared = shared
-        self._descriptions: dict[str, ModelDescription] = {
-            model_id: describe_model_folder(folder) for model_id, folder in folders.items()
-        }
         self._lock = threading.Lock()
-
-    def check(self, job: PredictionJob) -> None:
-        """The model, its folds' checkpoints and the channel count, before any work."""
-        if job.model_id not in self.folders:
-            raise RequestError(f"model {job.model_id!r} is not served by this runner")
-        description = self._descriptions[job.model_id]
-        description.check_checkpoints(job.model_id, job.folds, job.checkpoint_name)
-        if job.image.shape[0] != description.num_channels:
-            raise RequestError(
-                f"model {job.model_id!r} takes {description.num_channels} channel(s) "
-                f"({', '.join(description.channel_names.values())}); got {job.image.shape[0]}"
-            )
 
     def plans(self, job: PredictionJob) -> ModelPlans:
         """The plans of the configuration the job's first fold was trained with (cached)."""
@@ -68,7 +52,6 @@ class SplitPredictor:
     def predict(self, job: PredictionJob) -> PredictionResult:
         """nnU-Net's segmentation (and kept probabilities) of one image stack."""
         started = time.perf_counter()
-        self.check(job)
         plans = self.plans(job)
         with ExitStack() as buffers:
             result, properties, logits_out = self._run_network(job, plans, buffers)
