@@ -20,7 +20,7 @@ def organ2d(series: str, output_dir: str, *flags: str) -> subprocess.CompletedPr
     return cli_predict("-i", series, "-m", str(MODELS / "organ2d"), "-o", output_dir, *flags)
 
 
-def test_success_writes_the_seed_names_and_posts_success(demo_study, tmp_path):
+def test_success_writes_nnunet_serve_s_names_and_posts_success(demo_study, tmp_path):
     with recording_server() as (url, received):
         done = organ2d(
             str(demo_study / "T2"),
@@ -37,8 +37,12 @@ def test_success_writes_the_seed_names_and_posts_success(demo_study, tmp_path):
             url,
             "--success_message",
             "segmented",
+            "--tmp_dir",
+            str(tmp_path / "unused"),
         )
     assert done.returncode == 0, done.stderr
+    assert "tmp_dir is accepted for compatibility with nnunet_serve and not used" in done.stderr
+    assert not (tmp_path / "unused").exists()
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
         ".nnunet-bento-results.json",
         "prediction_v1.nii.gz",
@@ -77,6 +81,17 @@ def test_failure_prints_one_line_exits_1_and_reports_it(demo_study, tmp_path):
     assert "absent" in received[-1]["output_error"]
     assert json.loads(log.read_text())["job_id"] == "kept"
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_dicom_source_with_url_is_refused_before_any_connection(tmp_path):
+    refused = cli_predict(
+        *("-i", "T2 axial", "-m", "organ", "-o", str(tmp_path / "out")),
+        *("--dicom_source", "pacs", "--study_uid", "1.2.3", "--url", "http://127.0.0.1:9"),
+    )
+    assert refused.returncode == 1
+    (line,) = refused.stderr.strip().splitlines()
+    assert line.startswith("nnunet-bento predict: error: --dicom_source pulls on the machine")
+    assert not (tmp_path / "out").exists()
 
 
 def test_debug_shows_the_traceback(demo_study, tmp_path):

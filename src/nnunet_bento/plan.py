@@ -35,6 +35,7 @@ from .pacs.nodes import DicomNode, resolve_node
 from .request import (
     OUTPUT_KINDS,
     PER_MODEL_FIELDS,
+    PER_MODEL_LIST_FIELDS,
     REFERENCE_FIELDS,
     CascadeMode,
     FoldId,
@@ -42,7 +43,6 @@ from .request import (
     OutputKind,
     StageSettings,
     format_validation_error,
-    value_for_model,
 )
 
 STAGE_REFERENCE = re.compile(r"^stage_(\d+)$")
@@ -201,6 +201,32 @@ def field_name(name: str, stage: int, n_stages: int, item: int | None = None) ->
     """How an error names a per-model field: ``series_folders[1]``, ``crop_from[0]``, ..."""
     named = name if n_stages == 1 else f"{name}[{stage}]"
     return named if item is None else f"{named}[{item}]"
+
+
+def _is_per_model_list(value: Any) -> bool:
+    """True for a list of lists (None allowed as one model's value)."""
+    return isinstance(value, list) and any(isinstance(item, list) for item in value)
+
+
+def value_for_model(name: str, value: Any, index: int, n_models: int) -> Any:
+    """Pick model ``index``'s value from a request value that is shared or given per model."""
+    if name in PER_MODEL_LIST_FIELDS:
+        per_model = _is_per_model_list(value)
+        if name == "series_folders" and n_models > 1 and not per_model:
+            raise RequestError(
+                f"series_folders must be a list of {n_models} lists, one per model, "
+                f"for {n_models} models"
+            )
+    else:
+        per_model = isinstance(value, list)
+    if not per_model:
+        return value
+    if len(value) != n_models:
+        raise RequestError(
+            f"{name} has {len(value)} per-model values but the request names {n_models} "
+            f"model(s); give one value for all or one per model"
+        )
+    return value[index]
 
 
 def merge_stage_settings(

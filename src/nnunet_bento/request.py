@@ -21,8 +21,6 @@ from pydantic import (
 from pydantic.fields import FieldInfo
 from pydantic.json_schema import SkipJsonSchema
 
-from .errors import RequestError
-
 FoldId = int | str
 Voxels = Annotated[int, Field(ge=0, le=10_000)]
 ModelName = Annotated[str, Field(min_length=1, max_length=256)]
@@ -376,32 +374,6 @@ InferenceRequest = create_model(
     "server default.",
     **{name: _per_model_field(name, info) for name, info in StageSettings.model_fields.items()},
 )
-
-
-def _is_per_model_list(value: Any) -> bool:
-    """True for a list of lists (None allowed as one model's value)."""
-    return isinstance(value, list) and any(isinstance(item, list) for item in value)
-
-
-def value_for_model(name: str, value: Any, index: int, n_models: int) -> Any:
-    """Pick model ``index``'s value from a request value that is shared or given per model."""
-    if name in PER_MODEL_LIST_FIELDS:
-        per_model = _is_per_model_list(value)
-        if name == "series_folders" and n_models > 1 and not per_model:
-            raise RequestError(
-                f"series_folders must be a list of {n_models} lists, one per model, "
-                f"for {n_models} models"
-            )
-    else:
-        per_model = isinstance(value, list)
-    if not per_model:
-        return value
-    if len(value) != n_models:
-        raise RequestError(
-            f"{name} has {len(value)} per-model values but the request names {n_models} "
-            f"model(s); give one value for all or one per model"
-        )
-    return value[index]
 
 
 def format_validation_error(error: ValidationError) -> str:
