@@ -9,15 +9,21 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 
 @contextmanager
-def recording_server(status: int = 200, delay_s: float = 0.0) -> Iterator[tuple[str, list[dict]]]:
+def recording_server(
+    status: int = 200, delay_s: float = 0.0, hold_running: threading.Event | None = None
+) -> Iterator[tuple[str, list[dict]]]:
     """Yields the URL to POST to and the list the bodies land in; each POST is answered with
-    ``status`` after ``delay_s`` seconds."""
+    ``status`` after ``delay_s`` seconds. With ``hold_running``, a ``running`` status is
+    answered only once that event is set."""
     received: list[dict] = []
 
     class Recorder(BaseHTTPRequestHandler):
         def do_POST(self) -> None:
             length = int(self.headers["Content-Length"])
-            received.append(json.loads(self.rfile.read(length)))
+            body = json.loads(self.rfile.read(length))
+            received.append(body)
+            if hold_running is not None and body.get("status") == "running":
+                hold_running.wait()
             time.sleep(delay_s)
             self.send_response(status)
             self.end_headers()

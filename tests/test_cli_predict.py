@@ -5,6 +5,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import numpy as np
@@ -176,7 +177,10 @@ def test_validate_metadata_reports_each_bad_key_on_one_line(tmp_path):
 
 
 def test_sigterm_reports_failed_exits_non_zero_and_writes_nothing(demo_study, tmp_path):
-    with recording_server() as (url, received):
+    """The status server holds the `running` POST until the signal is sent, so the command is
+    still at work when SIGTERM arrives, however busy the machine."""
+    release = threading.Event()
+    with recording_server(hold_running=release) as (url, received):
         process = subprocess.Popen(
             [
                 *(
@@ -198,7 +202,10 @@ def test_sigterm_reports_failed_exits_non_zero_and_writes_nothing(demo_study, tm
             time.sleep(0.05)
         assert received and received[0]["status"] == "running"
         process.send_signal(signal.SIGTERM)
-        _, stderr = process.communicate(timeout=120)
+        try:
+            _, stderr = process.communicate(timeout=120)
+        finally:
+            release.set()
     assert process.returncode == 1
     assert "terminated by SIGTERM" in stderr
     assert received[-1]["status"] == "failure"

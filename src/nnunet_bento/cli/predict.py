@@ -288,9 +288,9 @@ def predict(args: argparse.Namespace) -> int:
         success_message=args.success_message,
         failure_message=args.failure_message,
     )
-    reporter.running()
     try:
         with stopped_by_sigterm():
+            reporter.running()
             summary = run_on_server(args) if args.url else run_predict(args)
     except Exception as error:
         message = (
