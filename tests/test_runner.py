@@ -1,18 +1,24 @@
-"""The in-process runner: trainer variants, the warm predictor cache, job checks, the
-network step."""
+"""The in-process runner: predictors as nnU-Net sets them up, trainer variants and external
+trainers, the warm predictor cache, job checks, the network step."""
 
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from nnunet_bento.errors import RequestError
 from nnunet_bento.io.images import image_file_in, read_image, to_nnunet_input
 from nnunet_bento.runners.device import DeviceSelector
-from nnunet_bento.runners.nnunet_runner import RunnerModel, RunnerSet
+from nnunet_bento.runners.nnunet_runner import RunnerModel, RunnerSet, load_predictor
 from nnunet_bento.runners.protocol import NetworkJob, PredictionJob
 from nnunet_bento.runners.trainer_lookup import find_trainer_class
+
+EXTERNAL_TRAINERS = Path(__file__).parent / "external_trainers"
+CHECKPOINT = "checkpoint_final.pth"
 
 
 @pytest.fixture(scope="module")
@@ -28,6 +34,45 @@ def runner_set(demo_model_dirs, cache_size=4) -> RunnerSet:
 def job(model_id, image, **settings) -> PredictionJob:
     values = {"folds": (0,), "checkpoint_name": "checkpoint_final.pth", "tta": False, **settings}
     return PredictionJob(model_id, image.array, image.properties, **values)
+
+
+def logits(predictor, seed: int = 0) -> np.ndarray:
+    """The predictor's logits for a random preprocessed array of its model's channels."""
+    channels = len(predictor.dataset_json["channel_names"])
+    data = np.random.default_rng(seed).normal(size=(channels, 20, 40, 40)).astype(np.float32)
+    return predictor.predict_logits_from_preprocessed_data(torch.from_numpy(data)).numpy()
+
+
+@pytest.mark.parametrize("model, folds", [("organ", (0, 1)), ("organ2d", (0,)), ("lesion", (0,))])
+def test_predictor_is_set_up_as_nnunet_sets_it_up(demo_model_dirs, model, folds):
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+
+    ours = load_predictor(demo_model_dirs[model], folds, CHECKPOINT, True, "cpu")
+    nnunet = nnUNetPredictor(device=torch.device("cpu"), allow_tqdm=False)
+    nnunet.initialize_from_trained_model_folder(str(demo_model_dirs[model]), folds, CHECKPOINT)
+    assert ours.trainer_name == nnunet.trainer_name
+    assert ours.allowed_mirroring_axes == nnunet.allowed_mirroring_axes
+    np.testing.assert_array_equal(logits(ours), logits(nnunet))
+
+
+@pytest.mark.parametrize("trainer", ["nnUNetTrainerElsewhere", "nnUNetTrainerOldSignature"])
+def test_a_trainer_from_nnunet_exttrainer_builds_the_network(
+    demo_model_dirs, tmp_path, monkeypatch, trainer
+):
+    organ = demo_model_dirs["organ"]
+    model = tmp_path / "organ"
+    (model / "fold_0").mkdir(parents=True)
+    for name in ("dataset.json", "plans.json"):
+        shutil.copy(organ / name, model / name)
+    checkpoint = torch.load(organ / "fold_0" / CHECKPOINT, map_location="cpu", weights_only=False)
+    torch.save(checkpoint | {"trainer_name": trainer}, model / "fold_0" / CHECKPOINT)
+    monkeypatch.setenv("nnUNet_extTrainer", str(EXTERNAL_TRAINERS))
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    external = load_predictor(model, (0,), CHECKPOINT, False, "cpu")
+    assert external.trainer_name == trainer
+    np.testing.assert_array_equal(
+        logits(external), logits(load_predictor(organ, (0,), CHECKPOINT, False, "cpu"))
+    )
 
 
 def test_trainer_variant_is_found_without_importing_other_trainer_modules():
@@ -55,17 +100,17 @@ def test_model_trained_by_a_variant_predicts(demo_model_dirs, t2_input):
 
 def test_predictors_stay_warm_and_the_cache_is_bounded(demo_model_dirs, t2_input):
     runners = runner_set(demo_model_dirs, cache_size=2)
-    first = job("organ2d", t2_input)
+    first, mirrored = job("organ2d", t2_input), job("organ2d", t2_input, tta=True)
     runners.predict(first)
     warm = runners.predictor(first, "cpu")
     runners.predict(first)
     assert runners.predictor(first, "cpu") is warm
-    runners.predict(job("organ2d", t2_input, tta=True))
+    runners.predict(mirrored)
+    warm_mirrored = runners.predictor(mirrored, "cpu")
     runners.predict(job("organ", t2_input, folds=(0, 1)))
-    assert runners.cached_keys == [
-        ("organ2d", (0,), "checkpoint_final.pth", True, "cpu"),
-        ("organ", (0, 1), "checkpoint_final.pth", False, "cpu"),
-    ]
+    assert runners.predictor(mirrored, "cpu") is warm_mirrored
+    assert runners.predictor(first, "cpu") is not warm, "the least recently used one is gone"
+    assert runners.predictor(mirrored, "cpu") is warm_mirrored, "the two folds made way"
 
 
 def test_probabilities_come_back_as_float16_for_the_asked_labels(demo_model_dirs, t2_input):

@@ -6,13 +6,14 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
-from unittest import mock
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from ..errors import NnunetBentoError
 from .device import DeviceSelector
 from .memory import return_freed_memory
+from .plans import configuration_plans
 from .protocol import (
     NetworkJob,
     NetworkResult,
@@ -30,7 +31,10 @@ from .shared_arrays import (
     reserve,
 )
 from .split import SplitPredictor
-from .trainer_lookup import find_trainer_class
+from .trainer_lookup import build_network, find_trainer_class
+
+if TYPE_CHECKING:
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 
 logger = logging.getLogger(__name__)
 
@@ -47,11 +51,22 @@ class RunnerModel:
 
 def load_predictor(
     folder: Path, folds: tuple[int | str, ...], checkpoint: str, tta: bool, device: str
-):
-    """An initialised nnUNetPredictor, exactly as nnU-Net builds one, with our trainer lookup."""
+) -> "nnUNetPredictor":
+    """An nnUNetPredictor set up as nnU-Net's ``initialize_from_trained_model_folder`` sets
+    one up, with the trainer class from our trainer lookup."""
     import torch
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 
+    paths = [folder / f"fold_{fold}" / checkpoint for fold in folds]
+    first = torch.load(paths[0], map_location="cpu", weights_only=False)
+    parameters = [first["network_weights"]]
+    parameters += [
+        torch.load(path, map_location="cpu", weights_only=False)["network_weights"]
+        for path in paths[1:]
+    ]
+    plans = configuration_plans(folder, first["init_args"]["configuration"])
+    network = build_network(find_trainer_class(first["trainer_name"]), plans)
+    network.load_state_dict(parameters[0])
     predictor = nnUNetPredictor(
         tile_step_size=0.5,
         use_gaussian=True,
@@ -62,11 +77,15 @@ def load_predictor(
         verbose_preprocessing=False,
         allow_tqdm=False,
     )
-    with mock.patch(
-        "nnunetv2.inference.predict_from_raw_data.recursive_find_trainer_class_by_name",
-        find_trainer_class,
-    ):
-        predictor.initialize_from_trained_model_folder(str(folder), list(folds), checkpoint)
+    predictor.manual_initialization(
+        network,
+        plans.plans_manager,
+        plans.configuration_manager,
+        parameters,
+        plans.dataset_json,
+        first["trainer_name"],
+        first.get("inference_allowed_mirroring_axes"),
+    )
     return predictor
 
 
@@ -120,10 +139,6 @@ class RunnerSet:
             evicted, _ = self._predictors.popitem(last=False)
             logger.info("evicted predictor %s", evicted)
         return predictor
-
-    @property
-    def cached_keys(self) -> list[PredictorKey]:
-        return list(self._predictors)
 
     def predict(self, job: PredictionJob) -> PredictionResult:
         """Run nnU-Net on one image stack in this process; the result is in the input's grid."""

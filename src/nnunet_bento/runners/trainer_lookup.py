@@ -1,4 +1,5 @@
-"""Find an nnU-Net trainer class by name without importing every trainer module.
+"""Find an nnU-Net trainer class by name without importing every trainer module, and build
+the network it defines for a model's plans.
 
 nnU-Net's own lookup imports each module under nnunetv2/training/nnUNetTrainer until it finds
 the class; some of those modules import optional packages (torchvision, via the Primus
@@ -7,12 +8,19 @@ only the module that defines the class is imported.
 """
 
 import importlib
+import inspect
 import os
 import re
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import nnunetv2
+
+from .plans import ModelPlans
+
+if TYPE_CHECKING:
+    from torch import nn
 
 TRAINER_PACKAGE = "nnunetv2.training.nnUNetTrainer"
 EXTERNAL_TRAINERS_VARIABLE = "nnUNet_extTrainer"
@@ -47,4 +55,28 @@ def find_trainer_class(trainer_name: str) -> type:
     raise LookupError(
         f"nnU-Net trainer class {trainer_name!r} was not found under {roots}; install the "
         "package that defines it or point nnUNet_extTrainer at its folder"
+    )
+
+
+def build_network(trainer: type, plans: ModelPlans) -> "nn.Module":
+    """The trainer's network for the plans, without deep supervision, as nnU-Net builds it
+    for inference; trainers with the older ``build_network_architecture`` signature (the
+    architecture's class name and arguments instead of the managers) are built too."""
+    from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
+
+    configuration = plans.configuration_manager
+    channels = (
+        determine_num_input_channels(plans.plans_manager, configuration, plans.dataset_json),
+        plans.label_manager.num_segmentation_heads,
+    )
+    if "plans_manager" in inspect.signature(trainer.build_network_architecture).parameters:
+        return trainer.build_network_architecture(
+            plans.plans_manager, configuration, *channels, enable_deep_supervision=False
+        )
+    return trainer.build_network_architecture(
+        configuration.network_arch_class_name,
+        configuration.network_arch_init_kwargs,
+        configuration.network_arch_init_kwargs_req_import,
+        *channels,
+        enable_deep_supervision=False,
     )
