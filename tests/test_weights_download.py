@@ -1,6 +1,7 @@
 """Downloading TotalSegmentator weights from a local HTTP server: checked, all or nothing."""
 
 import logging
+import socket
 import stat
 import threading
 import zipfile
@@ -10,18 +11,19 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+from totalsegmentator.map_tasks_config import TASK_ID_WEIGHTS_CONFIGS
 
 from nnunet_bento.catalog.registry import WeightsSource, build_registry
 from nnunet_bento.catalog.spec import ModelEntry, ServeSpec
 from nnunet_bento.catalog.totalseg import parse_task, task_folder
-from nnunet_bento.catalog.weights_download import download_task_weights, weights_url
+from nnunet_bento.catalog.weights_download import download_task_weights
 from nnunet_bento.errors import ModelFolderError
 
 DEMO = Path(__file__).resolve().parents[1] / "examples" / "models" / "organ"
 TASK = parse_task("total_fastest")
 RUN = f"{TASK.trainer}__{TASK.plans}__{TASK.configuration}"
 DATASET = f"Dataset{TASK.task_id:03d}_demo"
-ZIP_NAME = weights_url(TASK, "http://mirror").rsplit("/", 1)[1]
+ZIP_NAME = f"{TASK_ID_WEIGHTS_CONFIGS[TASK.task_id]['foldername']}.zip"
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -103,10 +105,10 @@ def weights(tmp_path: Path) -> Path:
     return folder
 
 
-def refused(server_url: str, weights: Path, **limits: int) -> str:
+def refused(url_base: str | None, weights: Path, **limits: int) -> str:
     """Download, expecting ModelFolderError; returns its message."""
     with pytest.raises(ModelFolderError) as error:
-        download_task_weights(TASK, weights, server_url, timeout_s=5, **limits)
+        download_task_weights(TASK, weights, url_base, timeout_s=5, **limits)
     message = str(error.value)
     assert "\n" not in message
     assert str(weights / TASK.folder_pattern) in message, "names the missing path"
@@ -130,9 +132,8 @@ def test_download_installs_the_task_folder_byte_identical(server, tmp_path, capl
     assert any(url in m and str(weights) in m for m in caplog.messages), "a start line"
 
 
-def test_weights_url_is_what_the_installed_package_downloads(monkeypatch, tmp_path):
+def test_the_download_url_is_what_the_installed_package_downloads(monkeypatch, tmp_path):
     from totalsegmentator import libs
-    from totalsegmentator.map_tasks_config import TASK_ID_WEIGHTS_CONFIGS
 
     requested = []
 
@@ -148,11 +149,17 @@ def test_weights_url_is_what_the_installed_package_downloads(monkeypatch, tmp_pa
     monkeypatch.setattr(libs, "requests", None)  # never the network
     with pytest.raises(Captured):
         libs.download_pretrained_weights(TASK.task_id)
-    url = weights_url(TASK)
-    assert requested == [url]
-    assert url.startswith("https://")
-    assert url.endswith(f"/{TASK_ID_WEIGHTS_CONFIGS[TASK.task_id]['foldername']}.zip")
-    assert weights_url(TASK, "http://mirror/base/") == f"http://mirror/base/{ZIP_NAME}"
+    [url] = requested
+    assert url.startswith("https://") and url.endswith(f"/{ZIP_NAME}")
+    # through a proxy that refuses connections, so never the network
+    with socket.socket() as proxy:  # bound, not listening
+        proxy.bind(("127.0.0.1", 0))
+        for name in ("https_proxy", "HTTPS_PROXY"):
+            monkeypatch.setenv(name, f"http://127.0.0.1:{proxy.getsockname()[1]}")
+        for name in ("no_proxy", "NO_PROXY"):
+            monkeypatch.delenv(name, raising=False)
+        message = refused(None, tmp_path / "weights", max_bytes=1)
+    assert f"download from {url} failed" in message
 
 
 def test_http_404_names_the_url_and_removes_the_weights_folder_it_created(server, tmp_path):
@@ -244,7 +251,7 @@ def test_an_existing_dataset_folder_is_not_merged_into(server, weights):
     assert listing(weights) == before
 
 
-def test_an_unknown_package_layout_names_the_installed_version(monkeypatch):
+def test_an_unknown_package_layout_names_the_installed_version(monkeypatch, weights):
     import importlib.metadata
 
     from totalsegmentator import libs
@@ -255,8 +262,13 @@ def test_an_unknown_package_layout_names_the_installed_version(monkeypatch):
 
     monkeypatch.setattr(libs, "download_pretrained_weights", download_pretrained_weights)
     version = importlib.metadata.version("totalsegmentator")
-    with pytest.raises(ModelFolderError, match=f"from totalsegmentator {version} .*0 f-strings"):
-        weights_url(TASK)
+    before = listing(weights)
+    message = refused(None, weights)
+    assert (
+        f"no download URL: cannot read the weights URL from totalsegmentator {version} " in message
+    )
+    assert "0 f-strings" in message
+    assert listing(weights) == before
 
 
 def test_start_up_downloads_a_missing_task_when_asked(server, tmp_path):

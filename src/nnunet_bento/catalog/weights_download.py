@@ -54,14 +54,6 @@ class _Refused(Exception):
 _FAILURES = (_Refused, httpx.HTTPError, zipfile.BadZipFile, zlib.error, EOFError, OSError)
 
 
-def weights_url(task: TotalsegTask, url_base: str | None = None) -> str:
-    """The URL of the task's weights archive: the package's, or its file name under url_base."""
-    try:
-        return _url(task, url_base)
-    except _Refused as exc:
-        raise ModelFolderError(f"TotalSegmentator task {task.name!r}: {exc}") from None
-
-
 def download_task_weights(
     task: TotalsegTask,
     weights: Path,
