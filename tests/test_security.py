@@ -10,6 +10,7 @@ from pathlib import Path
 import httpx
 import psutil
 import pytest
+import SimpleITK as sitk
 import yaml
 from conftest import REPO, bentoml_serve
 
@@ -112,6 +113,30 @@ def test_a_path_outside_its_root_is_403_naming_the_field(served, area, fields, f
     assert_no_server_path(response.text, area)
     assert not (area / "outside" / "out").exists(), "nothing written outside the output root"
     assert_still_serving(served, area, f"after-{field}")
+
+
+@pytest.mark.parametrize("target", ["detached", "linked"])
+def test_a_file_of_a_series_read_from_outside_the_roots_is_403(served, area, target):
+    """An .mhd whose ElementDataFile names a file outside the roots, or an image file that
+    links out of the study: refused before anything is read, with nothing written."""
+    image = sitk.ReadImage(str(area / "roots" / "in" / "study" / "T2" / "T2.nii.gz"))
+    series = area / "roots" / "in" / "study" / target
+    series.mkdir()
+    if target == "detached":
+        secret = area / "outside" / "secret.raw"
+        sitk.WriteImage(image, str(series / "T2.mhd"))
+        (series / "T2.raw").rename(secret)
+        header = series / "T2.mhd"
+        header.write_text(header.read_text().replace("= T2.raw", f"= {secret}"))
+    else:
+        sitk.WriteImage(image, str(area / "outside" / "T2.mha"))
+        (series / "T2.mha").symlink_to(area / "outside" / "T2.mha")
+    body = {**valid_body(area, f"read-{target}"), "series_folders": [target]}
+    response = post(served, {**body, "save_nifti_inputs": True}, timeout=60)
+    assert response.status_code == 403, response.text
+    assert response.json()["error"].startswith("series_folders[0]: ")
+    assert_no_server_path(response.text, area)
+    assert not (area / "roots" / "out" / f"read-{target}").exists()
 
 
 def test_an_error_inside_the_roots_names_the_study_files_relative_to_it(served, area):

@@ -9,6 +9,7 @@ into the full grid.
 
 from collections.abc import Callable
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
@@ -23,18 +24,25 @@ Box = tuple[slice, slice, slice]
 
 def reference_mask(
     reference: Reference,
+    study: Path,
     earlier_masks: list[sitk.Image],
     grid: sitk.Image,
     max_voxels: int | None = None,
 ) -> np.ndarray:
     """The reference's mask on ``grid`` (nearest neighbour), as a (z, y, x) array: an earlier
-    stage's mask, else the checked file, which must be a grayscale image of the grid's
-    dimension."""
+    stage's mask, else the checked file (read inside the study), which must be a grayscale
+    image of the grid's dimension."""
     if reference.stage is not None:
         mask = earlier_masks[reference.stage]
     else:
         assert reference.file is not None, "the plan resolves every mask file"
-        mask = read_image(image_file_in(reference.file), (grid.GetDimension(),), max_voxels)
+        mask = read_image(
+            image_file_in(reference.file),
+            (grid.GetDimension(),),
+            max_voxels,
+            inside=study,
+            field=reference.field,
+        )
     return sitk.GetArrayFromImage(resample_mask_onto(mask, grid))
 
 

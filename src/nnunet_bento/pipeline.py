@@ -105,23 +105,27 @@ class SegmentationPipeline:
         """The request resolved and checked, before any work."""
         return self.planner.plan(request)
 
-    def read(self, stage: StagePlan) -> StageInput:
-        """The stage's series on the first series' grid, with the DICOM source if any."""
+    def read(self, stage: StagePlan, study: Path) -> StageInput:
+        """The stage's series on the first series' grid, with the DICOM source if any; every
+        file read must lie in the study."""
         max_voxels = self.settings.nnunet_bento_max_voxels
         if stage.is_dicom:
             sources = [read_dicom_series(folder, max_voxels) for folder in stage.series]
             return StageInput(to_nnunet_input([s.image for s in sources]), sources[0])
-        images = [read_image(image_file_in(f), max_voxels=max_voxels) for f in stage.series]
+        images = [
+            read_image(image_file_in(folder), max_voxels=max_voxels, inside=study, field=field)
+            for folder, field in zip(stage.series, stage.series_fields, strict=True)
+        ]
         return StageInput(to_nnunet_input(images), None)
 
     def predict(
-        self, stage: StagePlan, image: NnunetInput, masks: list[sitk.Image]
+        self, stage: StagePlan, study: Path, image: NnunetInput, masks: list[sitk.Image]
     ) -> PredictionResult:
         """Run the model; with a crop reference, on the padded box around it, pasted back."""
         if stage.crop_from is None:
             return self._predict(stage, image)
         crop_mask = reference_mask(
-            stage.crop_from, masks, image.reference, self.settings.nnunet_bento_max_voxels
+            stage.crop_from, study, masks, image.reference, self.settings.nnunet_bento_max_voxels
         )
         return predict_in_box(
             lambda cropped: self._predict(stage, cropped),
@@ -150,6 +154,7 @@ class SegmentationPipeline:
     def postprocess(
         self,
         stage: StagePlan,
+        study: Path,
         image: NnunetInput,
         result: PredictionResult,
         masks: list[sitk.Image],
@@ -159,6 +164,7 @@ class SegmentationPipeline:
             if stage.intersect_with is None
             else reference_mask(
                 stage.intersect_with,
+                study,
                 masks,
                 image.reference,
                 self.settings.nnunet_bento_max_voxels,
@@ -195,12 +201,12 @@ class SegmentationPipeline:
         ) as staging:
             for stage in plan.stages:
                 with timings.step("read", stage.index):
-                    stage_input = self.read(stage)
+                    stage_input = self.read(stage, plan.study)
                 image = stage_input.image
                 with timings.step("predict", stage.index):
-                    results.append(self.predict(stage, image, stage_masks))
+                    results.append(self.predict(stage, plan.study, image, stage_masks))
                 with timings.step("postprocess", stage.index):
-                    masks = self.postprocess(stage, image, results[-1], stage_masks)
+                    masks = self.postprocess(stage, plan.study, image, results[-1], stage_masks)
                 stage_masks.append(image_like(masks.segmentation, image.reference))
                 with timings.step("export", stage.index), writing_into(staging):
                     written = export_stage(stage, stage_input, masks, staging)

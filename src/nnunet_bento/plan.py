@@ -95,6 +95,7 @@ class StagePlan:
     model: RegisteredModel
     settings: StageSettings
     series_entries: tuple[str, ...]
+    series_fields: tuple[str, ...]
     series: tuple[Path, ...]
     intersect_with: Reference | None
     crop_from: Reference | None
@@ -184,12 +185,8 @@ class RequestPlan:
             replace(
                 stage,
                 series=tuple(
-                    roots.in_study(
-                        field_name("series_folders", stage.index, len(self.stages), item),
-                        study,
-                        folders[entry].relative_to(study).as_posix(),
-                    )
-                    for item, entry in enumerate(stage.series_entries)
+                    roots.in_study(name, study, folders[entry].relative_to(study).as_posix())
+                    for name, entry in zip(stage.series_fields, stage.series_entries, strict=True)
                 ),
             )
             for stage in self.stages
@@ -342,6 +339,9 @@ class RequestPlanner:
         n_stages: int,
     ) -> StagePlan:
         entries = tuple(settings.series_folders)
+        fields = tuple(
+            field_name("series_folders", index, n_stages, i) for i in range(len(entries))
+        )
         self._check_channels(model, len(entries))
         self._check_labels(model, settings)
         if request.is_dicom:
@@ -352,8 +352,8 @@ class RequestPlanner:
             ()
             if study is None
             else tuple(
-                self.roots.in_study(field_name("series_folders", index, n_stages, i), study, e)
-                for i, e in enumerate(entries)
+                self.roots.in_study(name, study, entry)
+                for name, entry in zip(fields, entries, strict=True)
             )
         )
         references = {
@@ -365,6 +365,7 @@ class RequestPlanner:
             model=model,
             settings=settings,
             series_entries=entries,
+            series_fields=fields,
             series=series,
             intersect_with=references["intersect_with"],
             crop_from=references["crop_from"],

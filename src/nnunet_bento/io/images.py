@@ -11,8 +11,11 @@ import numpy as np
 import SimpleITK as sitk
 
 from ..errors import InputNotFoundError, RequestError, TooLargeError
+from .input_files import opened_image
 
 IMAGE_SUFFIXES = (".nii.gz", ".nii", ".mha", ".mhd", ".nrrd", ".nhdr")
+#: What a compressed image may hold besides its voxels: its header and extensions.
+HEADER_SLACK_BYTES = 1 << 20
 
 
 def is_image_file(path: Path) -> bool:
@@ -40,42 +43,54 @@ def image_file_in(series: Path) -> Path:
     return images[0]
 
 
-def check_compressed_stream(path: Path) -> None:
+def check_compressed_stream(path: Path, shown: Path, max_bytes: int) -> None:
     """A gzip file must decompress to its end with a valid checksum (a truncated or corrupt
-    .nii.gz otherwise reads as an image with missing voxels)."""
+    .nii.gz otherwise reads as an image with missing voxels), and to at most ``max_bytes``
+    (what its header says it holds): more is a bomb, refused before it is read."""
     if not path.name.lower().endswith(".gz"):
         return
+    inflated = 0
     try:
         with gzip.open(path, "rb") as stream:
-            while stream.read(1 << 24):
-                pass
+            while chunk := stream.read(1 << 24):
+                inflated += len(chunk)
+                if inflated > max_bytes:
+                    raise RequestError(
+                        f"image {shown} inflates to more than its header's {max_bytes} bytes; "
+                        "send an image whose compressed stream holds only its voxels"
+                    )
     except (OSError, EOFError, zlib.error) as error:
         raise RequestError(
-            f"image {path} is truncated or corrupt ({type(error).__name__}: its compressed "
+            f"image {shown} is truncated or corrupt ({type(error).__name__}: its compressed "
             "stream does not end with a valid checksum); send the complete file"
         ) from None
 
 
-def check_image_header(path: Path, dimensions: tuple[int, ...], max_voxels: int | None) -> None:
+def check_image_header(
+    path: Path, shown: Path, dimensions: tuple[int, ...], max_voxels: int | None
+) -> int:
     """From the header, before the pixels are read: a grayscale image of ``dimensions``
-    dimensions and at most ``max_voxels`` voxels (None: no bound)."""
+    dimensions and at most ``max_voxels`` voxels (None: no bound). Answers the bytes its
+    voxels take."""
     reader = sitk.ImageFileReader()
     reader.SetFileName(str(path))
     try:
         reader.ReadImageInformation()
     except RuntimeError as error:
-        check_compressed_stream(path)
-        raise RequestError(f"cannot read image {path}: {_last_line(error)}") from None
+        check_compressed_stream(path, shown, HEADER_SLACK_BYTES)
+        raise RequestError(f"cannot read image {shown}: {_last_line(error)}") from None
     size = reader.GetSize()
     if reader.GetNumberOfComponents() != 1:
         raise RequestError(
-            f"image {path} has {reader.GetNumberOfComponents()} components per voxel (a colour "
+            f"image {shown} has {reader.GetNumberOfComponents()} components per voxel (a colour "
             "or vector image); expected a grayscale image"
         )
     if len(size) not in dimensions:
         expected = " or ".join(f"{d}D" for d in dimensions)
-        raise RequestError(f"image {path} is {len(size)}D; expected {expected}")
-    check_voxel_count(f"image {path}", math.prod(size), max_voxels)
+        raise RequestError(f"image {shown} is {len(size)}D; expected {expected}")
+    check_voxel_count(f"image {shown}", math.prod(size), max_voxels)
+    voxel_bytes = sitk.Image([1] * len(size), reader.GetPixelID()).GetSizeOfPixelComponent()
+    return math.prod(size) * voxel_bytes
 
 
 def check_voxel_count(what: str, voxels: int, max_voxels: int | None) -> None:
@@ -87,15 +102,26 @@ def check_voxel_count(what: str, voxels: int, max_voxels: int | None) -> None:
 
 
 def read_image(
-    path: Path, dimensions: tuple[int, ...] = (2, 3), max_voxels: int | None = None
+    path: Path,
+    dimensions: tuple[int, ...] = (2, 3),
+    max_voxels: int | None = None,
+    *,
+    inside: Path | None = None,
+    field: str = "image",
 ) -> sitk.Image:
-    """Read one image file, checked first; an unreadable file is the client's error."""
-    check_image_header(path, dimensions, max_voxels)
-    check_compressed_stream(path)
-    try:
-        return sitk.ReadImage(str(path))
-    except RuntimeError as error:
-        raise RequestError(f"cannot read image {path}: {_last_line(error)}") from None
+    """Read one image file, checked first; an unreadable file is the client's error.
+
+    The file, and any detached data file, are checked and opened as input_files says: the
+    file must resolve inside ``inside`` (default: its own folder), and a refusal names
+    ``field``.
+    """
+    with opened_image(path, inside or path.parent, field) as readable:
+        voxel_bytes = check_image_header(readable, path, dimensions, max_voxels)
+        check_compressed_stream(readable, path, voxel_bytes + HEADER_SLACK_BYTES)
+        try:
+            return sitk.ReadImage(str(readable))
+        except RuntimeError as error:
+            raise RequestError(f"cannot read image {path}: {_last_line(error)}") from None
 
 
 def _last_line(error: Exception) -> str:
