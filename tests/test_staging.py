@@ -4,12 +4,18 @@ time, and a crashed request's staging folder is cleaned at the next start."""
 import errno
 import json
 import os
+import shutil
 import time
 from pathlib import Path
 
 import pytest
 
-from nnunet_bento.errors import ConflictError, InsufficientStorageError, NnunetBentoError
+from nnunet_bento.errors import (
+    ConflictError,
+    ForbiddenPathError,
+    InsufficientStorageError,
+    NnunetBentoError,
+)
 from nnunet_bento.io import staging as staging_module
 from nnunet_bento.io.staging import MANIFEST, OutputStaging, remove_stale_staging
 
@@ -66,6 +72,29 @@ def test_overwrite_replaces_the_earlier_results_as_a_whole(tmp_path):
     staged(output, work, {"stage_0/prediction.nii.gz": "empty"}, overwrite=True)
     assert listing(output) == [MANIFEST, "notes.txt", "stage_0/prediction.nii.gz"]
     assert not (output / "stage_1").exists(), "an emptied folder of the old results is removed"
+
+
+@pytest.mark.parametrize("link", ["stage_0", "stage_0/prediction.nii.gz", "stage_1", MANIFEST])
+def test_a_link_inside_output_dir_is_refused_and_nothing_outside_is_touched(tmp_path, link):
+    """Earlier results in out/, then one of their folders or files, or the manifest, made a
+    link to outside/: an overwrite touches nothing there and leaves out/ as it was."""
+    output, work, outside = tmp_path / "out", tmp_path / "work", tmp_path / "outside"
+    staged(output, work, {"stage_0/prediction.nii.gz": "old", "stage_1/proba.nii.gz": "p"})
+    outside.mkdir()
+    (outside / "prediction.nii.gz").write_text("the other user's file")
+    (outside / "proba.nii.gz").write_text("kept")
+    (outside / MANIFEST).write_text(json.dumps({"files": ["proba.nii.gz"]}))
+    target = output / link
+    if target.is_dir():
+        shutil.rmtree(target)
+    else:
+        target.unlink()
+    target.symlink_to(outside / Path(link).name if "/" in link or link == MANIFEST else outside)
+    before = {p.name: p.read_text() for p in outside.iterdir()}
+    with pytest.raises(ForbiddenPathError, match=r"^output_dir: .* inside it is a link"):
+        staged(output, work, {"stage_0/prediction.nii.gz": "new"}, overwrite=True)
+    assert {p.name: p.read_text() for p in outside.iterdir()} == before
+    assert target.is_symlink()
 
 
 def test_a_second_writer_on_the_same_folder_is_refused(tmp_path):

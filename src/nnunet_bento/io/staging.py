@@ -8,6 +8,9 @@ replace the previous results as a whole when the request succeeds.
   output_dir, is held from the start of the request to its end; a second request gets a 409.
 - Nothing is created before the first file is written, and a failure removes the staging
   folder and every folder this request created: output_dir is left as it was found.
+- A link inside output_dir where the commit would move, replace or remove a file (a
+  ``stage_N`` folder, an output file, the manifest) is refused (403) before anything moves:
+  nothing outside the output root is moved, replaced or deleted.
 - Each staging folder is recorded in the work folder while it lives, so that the folders of
   a crashed server are removed at the next start (``remove_stale_staging``).
 """
@@ -24,7 +27,12 @@ from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
 
-from ..errors import ConflictError, InsufficientStorageError, NnunetBentoError
+from ..errors import (
+    ConflictError,
+    ForbiddenPathError,
+    InsufficientStorageError,
+    NnunetBentoError,
+)
 
 MANIFEST = ".nnunet-bento-results.json"
 FULL_DISK = (errno.ENOSPC, errno.EDQUOT)
@@ -120,7 +128,9 @@ class OutputStaging:
         if not self.staging_dir.exists():
             return
         new = self.written()
+        self._refuse_links([Path(MANIFEST)])
         previous = self._previous_results()
+        self._refuse_links([*new, *previous])
         trash = self.output_dir / f".replaced-{self.token}"
         moved_out: list[Path] = []
         moved_in: list[Path] = []
@@ -141,6 +151,17 @@ class OutputStaging:
         finally:
             shutil.rmtree(trash, ignore_errors=True)
         _remove_empty_folders(self.output_dir, [p for p in previous if p not in new])
+
+    def _refuse_links(self, relatives: list[Path]) -> None:
+        """A 403 when a file or folder that the commit would move or replace inside
+        output_dir is a link: nothing outside the output root is ever touched."""
+        for relative in relatives:
+            for depth in range(1, len(relative.parts) + 1):
+                if (self.output_dir / Path(*relative.parts[:depth])).is_symlink():
+                    raise ForbiddenPathError(
+                        f"output_dir: {Path(*relative.parts[:depth])} inside it is a link; "
+                        "remove it, or write into another folder"
+                    )
 
     def _previous_results(self) -> list[Path]:
         """The files the manifest of the earlier results lists (that still exist)."""
