@@ -12,6 +12,7 @@ import SimpleITK as sitk
 import yaml
 from bentoml.exceptions import BentoMLException
 from conftest import REPO, bentoml_serve, cli_predict
+from preview_pixels import voxel_at
 
 from nnunet_bento.preview import write_preview
 from nnunet_bento.request import InferenceRequest
@@ -449,6 +450,6 @@ def test_a_preview_per_stage_shows_each_stages_mask(served, study, tmp_path):
             assert inside, f"{label.name} is drawn in the axial panel"
             hits = [
                 mask[k, j, i] == label.label
-                for i, j, k in map(lambda p: axial.voxel_at(*p), inside)
+                for i, j, k in map(lambda p: voxel_at(axial, *p), inside)
             ]
             assert np.mean(hits) > 0.5, f"{label.name}'s colour lies on its mask"

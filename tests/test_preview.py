@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 from PIL import Image
+from preview_pixels import voxel_at
 
 from nnunet_bento.preview import (
     CT_WINDOW,
@@ -90,7 +91,7 @@ def assert_outline_on_mask(png: np.ndarray, panel: PanelGeometry, mask: np.ndarr
     assert 0 <= x0 < x1 <= png.shape[1] and 0 <= y0 < y1 <= png.shape[0]
     xs, ys = colour_pixels(png, panel, label_colour(label))
     assert xs.size > 50, f"no outline pixels for label {label} in the {panel.name} panel"
-    voxels = np.array([panel.voxel_at(x, y) for x, y in zip(xs, ys, strict=True)])
+    voxels = np.array([voxel_at(panel, x, y) for x, y in zip(xs, ys, strict=True)])
     assert (voxels[:, panel.slice_axis] == panel.slice_index).all()
     assert (mask[voxels[:, 2], voxels[:, 1], voxels[:, 0]] == label).all()
     in_slice = np.argwhere(mask == label)[:, ::-1]  # (i, j, k)

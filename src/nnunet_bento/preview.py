@@ -85,16 +85,6 @@ class PanelGeometry:
         """The grid axis this panel cuts across."""
         return 3 - sum(self.axes)
 
-    def voxel_at(self, x: int, y: int) -> tuple[int, int, int]:
-        """The (i, j, k) grid index drawn at PNG pixel (x, y) (x right, y down)."""
-        x0, y0, x1, y1 = self.box
-        column = source_index(x - x0, self.shape[0], x1 - x0)
-        row = source_index(y - y0, self.shape[1], y1 - y0)
-        index = [self.slice_index] * 3
-        index[self.axes[0]] = column
-        index[self.axes[1]] = self.shape[1] - 1 - row if self.flip_vertical else row
-        return index[0], index[1], index[2]
-
 
 @dataclass(frozen=True)
 class PreviewSummary:
@@ -172,13 +162,8 @@ def window_bounds(values: np.ndarray, modality: str | None) -> tuple[float, floa
     return low, high if high > low else low + 1.0
 
 
-def source_index(pixel: int, voxels: int, pixels: int) -> int:
-    """The voxel a display pixel shows when ``voxels`` are drawn over ``pixels`` (nearest)."""
-    return int((pixel + 0.5) * (voxels / pixels))
-
-
 def _display_indices(voxels: int, pixels: int) -> np.ndarray:
-    """``source_index`` for every pixel along one display axis."""
+    """The voxel each display pixel shows when ``voxels`` are drawn over ``pixels`` (nearest)."""
     return ((np.arange(pixels) + 0.5) * (voxels / pixels)).astype(np.intp)
 
 
