@@ -97,6 +97,15 @@ def test_a_link_inside_output_dir_is_refused_and_nothing_outside_is_touched(tmp_
     assert target.is_symlink()
 
 
+def test_no_lock_file_outlives_its_request(tmp_path):
+    work = tmp_path / "work"
+    for index in range(5):
+        staged(tmp_path / f"out{index}", work, {"stage_0/prediction.nii.gz": "mask"})
+    with pytest.raises(RuntimeError), OutputStaging(tmp_path / "failed", work, overwrite=False):
+        raise RuntimeError("the request failed")
+    assert list((work / "locks").iterdir()) == []
+
+
 def test_a_second_writer_on_the_same_folder_is_refused(tmp_path):
     output, work = tmp_path / "out", tmp_path / "work"
     with OutputStaging(output, work, overwrite=True) as first:

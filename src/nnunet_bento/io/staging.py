@@ -6,6 +6,7 @@ replace the previous results as a whole when the request succeeds.
   file of the old results is removed as the new ones move in, so none of them survives.
 - One request at a time per folder: a lock file in the work folder, keyed by the resolved
   output_dir, is held from the start of the request to its end; a second request gets a 409.
+  The lock file goes when its lock is released.
 - Nothing is created before the first file is written, and a failure removes the staging
   folder and every folder this request created: output_dir is left as it was found.
 - A link inside output_dir where the commit would move, replace or remove a file (a
@@ -62,21 +63,30 @@ class OutputStaging:
             )
 
     def _acquire_lock(self) -> int:
-        """An exclusive lock on the resolved output_dir; 409 when another request holds it."""
+        """An exclusive lock on the resolved output_dir; 409 when another request holds it.
+
+        The lock file is removed when the lock is released, so a lock taken on a file that
+        its holder has just removed is let go and taken again on the new file."""
         locks = self.work_dir / "locks"
         locks.mkdir(parents=True, exist_ok=True)
         key = hashlib.sha256(str(self.output_dir.resolve()).encode()).hexdigest()[:32]
-        descriptor = os.open(locks / f"{key}.lock", os.O_CREAT | os.O_RDWR, 0o600)
-        try:
-            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        self._lock_path = locks / f"{key}.lock"
+        while True:
+            descriptor = os.open(self._lock_path, os.O_CREAT | os.O_RDWR, 0o600)
+            try:
+                fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(descriptor)
+                raise ConflictError(
+                    f"another request is writing to {self.shown}; wait for it to finish"
+                ) from None
+            if _same_file(descriptor, self._lock_path):
+                return descriptor
             os.close(descriptor)
-            raise ConflictError(
-                f"another request is writing to {self.shown}; wait for it to finish"
-            ) from None
-        return descriptor
 
     def _release_lock(self) -> None:
+        """Remove the lock file while the lock is held, then let the lock go."""
+        self._lock_path.unlink(missing_ok=True)
         os.close(self._lock)
 
     def _create_staging(self) -> None:
@@ -210,6 +220,16 @@ class OutputStaging:
         finally:
             self.discard()
             self.close()
+
+
+def _same_file(descriptor: int, path: Path) -> bool:
+    """Whether ``path`` still names the file open as ``descriptor``."""
+    try:
+        named = os.stat(path)
+    except FileNotFoundError:
+        return False
+    opened = os.fstat(descriptor)
+    return (named.st_dev, named.st_ino) == (opened.st_dev, opened.st_ino)
 
 
 def _free_bytes(folder: Path) -> int:
