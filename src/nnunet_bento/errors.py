@@ -80,3 +80,7 @@ def error_for_status(status_code: int, message: str) -> NnunetBentoError:
         if error_class.status_code == status_code != HTTPStatus.INTERNAL_SERVER_ERROR:
             return error_class(message)
     return NnunetBentoError(message)
+
+
+class WorkFolderError(NnunetBentoError):
+    """The work folder is not private to this user; raised at start-up."""

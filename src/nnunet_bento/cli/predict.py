@@ -16,6 +16,7 @@ from tqdm import tqdm
 from ..catalog.registry import Registry, build_registry, weights_source
 from ..catalog.spec import MetadataPath, ModelEntry, ServeSpec, load_spec
 from ..errors import NnunetBentoError, RequestError
+from ..io.work_folder import prepare_work_folder
 from ..pacs.nodes import load_nodes
 from ..pipeline import SegmentationPipeline
 from ..plan import CLI_LAYOUT
@@ -291,6 +292,7 @@ def predict(args: argparse.Namespace) -> int:
     try:
         with stopped_by_sigterm():
             reporter.running()
+            prepare_work_folder(load_settings().nnunet_bento_work_dir)
             summary = run_on_server(args) if args.url else run_predict(args)
     except Exception as error:
         message = (
