@@ -3,9 +3,29 @@
 Slices are sorted by their position along the slice normal (PS3.3 C.7.6.2.1.1), never by
 file name or Instance Number, and the volume keeps the series' origin and orientation, as
 SimpleITK's ImageSeriesReader (GDCM) does.
+
+Guarantees, so that a DICOM bomb is refused instead of decoded:
+
+- Headers before pixels. Every file's elements before its pixel data are read first
+  (elements over ``DEFER_SIZE`` bytes stay on disk until used). Each file, then the series,
+  is refused (413, naming NNUNET_BENTO_MAX_VOXELS) past ``max_voxels`` voxels (Rows ×
+  Columns × NumberOfFrames × SamplesPerPixel), or past ``BYTES_PER_VOXEL`` bytes of pixel
+  data (voxels × BitsAllocated / 8) per voxel allowed, before any pixel data is decoded.
+  A file that holds more than one grayscale frame is refused (400) from its header too.
+- A deflated file (Deflated Explicit VR Little Endian) is inflated by ``dicom_inflate``,
+  never by pydicom at once: its header within what is left of ``HEADER_BYTES`` for the
+  series (413 past it), then the whole file within what its header declares: the header,
+  its pixel data and ``TRAILER_BYTES`` after them (400 past it).
+- A file that cannot be read or decoded is a 400 that names it relative to the series
+  folder, never by its path on the server.
+- The datasets returned hold the headers only: the pixels are in the volume.
 """
 
+import os
+import struct
+import zlib
 from collections.abc import Sequence
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
@@ -15,7 +35,8 @@ import SimpleITK as sitk
 from pydicom.errors import InvalidDicomError
 from pydicom.pixels import pixel_array
 
-from ..errors import InputNotFoundError, RequestError
+from ..errors import InputNotFoundError, RequestError, TooLargeError
+from .dicom_inflate import DicomHeader, InflateLimitError, read_header, read_whole
 from .dicom_source import DicomSource
 from .images import check_voxel_count
 
@@ -23,21 +44,67 @@ SLICE_GAP_TOLERANCE = 0.01  # relative to the expected slice spacing
 SHEAR_TOLERANCE = 0.1  # relative to the smallest pixel spacing
 MIN_SLICE_SPACING = 1e-3  # mm
 MAX_LISTED = 5
+DEFER_SIZE = 4096  # bytes: a larger element of a header is read from disk when used
+HEADER_BYTES = 256 << 20  # what the headers of a series' deflated files may inflate to
+TRAILER_BYTES = 1 << 20  # what a deflated file may hold after its pixel data
+PIXEL_ELEMENT_HEADER = 12  # bytes of the pixel data element's tag, VR and length
+BYTES_PER_VOXEL = 4  # pixel data bytes allowed per voxel of NNUNET_BENTO_MAX_VOXELS
+#: The (7FE0,0010) size attributes and their defaults (None: required).
+SIZE_ATTRIBUTES = {
+    "Rows": None,
+    "Columns": None,
+    "BitsAllocated": None,
+    "NumberOfFrames": 1,
+    "SamplesPerPixel": 1,
+}
+#: What pydicom, zlib and the file system raise on a malformed or unreadable file.
+DECODE_ERRORS = (
+    ValueError,
+    TypeError,
+    KeyError,
+    IndexError,
+    AttributeError,
+    NotImplementedError,
+    RuntimeError,
+    EOFError,
+    OSError,
+    OverflowError,
+    struct.error,
+    zlib.error,
+    InvalidDicomError,
+)
+
+
+@dataclass(frozen=True)
+class _Image:
+    """One image file: its header, the voxels and bytes of its pixel data, and the bytes
+    that the whole file may inflate to."""
+
+    path: Path
+    dataset: pydicom.Dataset
+    voxels: int
+    pixel_bytes: int
+    inflate_limit: int
 
 
 def read_dicom_series(folder: Path, max_voxels: int | None = None) -> DicomSource:
     """Read the one DICOM image series in ``folder`` as a volume sorted along the slice normal
-    (at most ``max_voxels`` voxels, checked before the pixels are decoded)."""
+    (at most ``max_voxels`` voxels, checked from the headers before any pixel is decoded)."""
     folder = Path(folder)
-    datasets = _image_datasets(folder)
-    _check_one_series(folder, datasets)
-    rows, columns = (int(datasets[0].get(keyword) or 0) for keyword in ("Rows", "Columns"))
-    check_voxel_count(f"DICOM series {folder}", rows * columns * len(datasets), max_voxels)
-    _check_same_geometry(folder, datasets)
-    normal = _slice_normal(datasets[0])
-    datasets.sort(key=lambda ds: float(_position(ds) @ normal))
+    images = _image_headers(folder, max_voxels)
+    _check_one_series(folder, [image.dataset for image in images])
+    _check_size(
+        f"DICOM series {folder}",
+        sum(image.voxels for image in images),
+        sum(image.pixel_bytes for image in images),
+        max_voxels,
+    )
+    _check_same_geometry(folder, [image.dataset for image in images])
+    normal = _slice_normal(images[0].dataset)
+    images.sort(key=lambda image: float(_position(image.dataset) @ normal))
+    datasets = [image.dataset for image in images]
     slice_spacing = _slice_spacing(folder, datasets, normal)
-    image = sitk.GetImageFromArray(_voxels(datasets))
+    image = sitk.GetImageFromArray(_voxels(images))
     row_spacing, column_spacing = (float(v) for v in datasets[0].PixelSpacing)
     image.SetSpacing((column_spacing, row_spacing, slice_spacing))
     image.SetOrigin(tuple(_position(datasets[0])))
@@ -46,8 +113,9 @@ def read_dicom_series(folder: Path, max_voxels: int | None = None) -> DicomSourc
     return DicomSource(image, datasets, folder)
 
 
-def _image_datasets(folder: Path) -> list[pydicom.Dataset]:
-    """Every DICOM file in ``folder`` that holds pixel data; other files are ignored."""
+def _image_headers(folder: Path, max_voxels: int | None) -> list[_Image]:
+    """The header of every DICOM file in ``folder`` that holds pixel data, each within the
+    bounds; other files are ignored."""
     if not folder.exists():
         raise InputNotFoundError(f"DICOM series folder {folder} does not exist")
     if not folder.is_dir():
@@ -56,22 +124,83 @@ def _image_datasets(folder: Path) -> list[pydicom.Dataset]:
         files = sorted(path for path in folder.iterdir() if path.is_file())
     except OSError as error:
         raise RequestError(f"cannot list DICOM series folder {folder}: {error.strerror}") from None
-    dicom = [ds for ds in map(_read_dicom, files) if ds is not None]
-    images = [ds for ds in dicom if "PixelData" in ds]
+    images: list[_Image] = []
+    n_dicom = 0
+    header_budget = HEADER_BYTES
+    for path in files:
+        header = _read_header(path, header_budget)
+        if header is None:
+            continue
+        n_dicom += 1
+        header_budget -= header.inflated
+        if header.has_pixels:
+            images.append(_image(path, header, max_voxels))
     if not images:
         raise RequestError(
             f"no DICOM image in {folder}: looked at {len(files)} files, "
-            f"{len(files) - len(dicom)} not DICOM, {len(dicom)} DICOM without pixel data"
+            f"{len(files) - n_dicom} not DICOM, {n_dicom} DICOM without pixel data"
         )
     return images
 
 
-def _read_dicom(path: Path) -> pydicom.Dataset | None:
-    """The dataset in ``path``, or None when it is not a DICOM file."""
+def _read_header(path: Path, inflate_limit: int) -> DicomHeader | None:
+    """The header of ``path``, or None when it is not a DICOM file."""
     try:
-        return pydicom.dcmread(path, force=False)
+        return read_header(path, DEFER_SIZE, inflate_limit)
     except InvalidDicomError:
         return None
+    except InflateLimitError:
+        raise TooLargeError(
+            f"DICOM file {path.name}: the headers (the elements before the pixel data) of "
+            f"the deflated files of this series inflate past {HEADER_BYTES} bytes"
+        ) from None
+    except DECODE_ERRORS as error:
+        raise _unreadable(path, "cannot read the header of DICOM file", error) from None
+
+
+def _unreadable(path: Path, what: str, error: Exception) -> RequestError:
+    """A 400 naming ``path`` relative to its series folder, in the error's words too."""
+    detail = str(error).replace(f"{path.parent}{os.sep}", "") or type(error).__name__
+    return RequestError(f"{what} {path.name}: {detail}")
+
+
+def _image(path: Path, header: DicomHeader, max_voxels: int | None) -> _Image:
+    """An image file's size from its header, refused past the bounds or with more than
+    one grayscale frame."""
+    size = {keyword: _size_attribute(path, header.dataset, keyword) for keyword in SIZE_ATTRIBUTES}
+    voxels = size["Rows"] * size["Columns"] * size["NumberOfFrames"] * size["SamplesPerPixel"]
+    pixel_bytes = (voxels * size["BitsAllocated"] + 7) // 8
+    _check_size(f"DICOM file {path.name}", voxels, pixel_bytes, max_voxels)
+    if size["NumberOfFrames"] != 1 or size["SamplesPerPixel"] != 1:
+        raise RequestError(
+            f"DICOM file {path.name} holds {size['NumberOfFrames']} frame(s) of "
+            f"{size['SamplesPerPixel']} sample(s) per pixel; expected one grayscale frame per file"
+        )
+    limit = header.inflated + PIXEL_ELEMENT_HEADER + pixel_bytes + TRAILER_BYTES
+    return _Image(path, header.dataset, voxels, pixel_bytes, limit)
+
+
+def _size_attribute(path: Path, ds: pydicom.Dataset, keyword: str) -> int:
+    """A positive integer attribute of the image pixel module (PS3.3 C.7.6.3)."""
+    default = SIZE_ATTRIBUTES[keyword]
+    try:
+        value = ds.get(keyword)
+        number = int(default if value in (None, "") and default is not None else value)
+    except DECODE_ERRORS:
+        number = 0
+    if number < 1:
+        raise RequestError(f"DICOM file {path.name} has pixel data but no valid {keyword}")
+    return number
+
+
+def _check_size(what: str, voxels: int, pixel_bytes: int, max_voxels: int | None) -> None:
+    """413 past ``max_voxels`` voxels or ``BYTES_PER_VOXEL`` bytes per allowed voxel."""
+    check_voxel_count(what, voxels, max_voxels)
+    if max_voxels is not None and pixel_bytes > BYTES_PER_VOXEL * max_voxels:
+        raise TooLargeError(
+            f"{what} has {pixel_bytes} bytes of pixel data, more than {BYTES_PER_VOXEL} bytes "
+            f"per voxel of NNUNET_BENTO_MAX_VOXELS ({max_voxels})"
+        )
 
 
 def _name(ds: pydicom.Dataset) -> str:
@@ -100,7 +229,7 @@ REQUIRED_COUNTS = {"ImagePositionPatient": 3, "ImageOrientationPatient": 6, "Pix
 def _required(ds: pydicom.Dataset, keyword: str) -> list[float]:
     """A numeric multi-valued attribute that the volume geometry needs."""
     if keyword not in ds:
-        raise RequestError(f"DICOM slice {ds.filename} has no {keyword}")
+        raise RequestError(f"DICOM slice {_name(ds)} has no {keyword}")
     value = ds[keyword].value
     expected = REQUIRED_COUNTS[keyword]
     try:
@@ -109,7 +238,7 @@ def _required(ds: pydicom.Dataset, keyword: str) -> list[float]:
         numbers = []
     if len(numbers) != expected or not np.all(np.isfinite(numbers)):
         raise RequestError(
-            f"DICOM slice {ds.filename} has a malformed {keyword}: expected {expected} numbers"
+            f"DICOM slice {_name(ds)} has a malformed {keyword}: expected {expected} numbers"
         )
     return numbers
 
@@ -129,7 +258,7 @@ def _slice_normal(ds: pydicom.Dataset) -> np.ndarray:
     length = np.linalg.norm(normal)
     if length < 1e-3:
         raise RequestError(
-            f"DICOM slice {ds.filename} has a malformed ImageOrientationPatient: its row and "
+            f"DICOM slice {_name(ds)} has a malformed ImageOrientationPatient: its row and "
             "column directions are zero or parallel"
         )
     return normal / length
@@ -211,30 +340,43 @@ def _check_no_shear(
         )
 
 
-def _pixels(ds: pydicom.Dataset) -> np.ndarray:
-    """The stored values of one single-frame grayscale slice."""
+def _pixels(image: _Image) -> np.ndarray:
+    """The stored values of one single-frame grayscale slice, decoded within its bounds."""
     try:
-        array = pixel_array(ds)
-    except (ValueError, RuntimeError, NotImplementedError) as error:
-        raise RequestError(f"cannot decode the pixel data of {ds.filename}: {error}") from None
-    if array.ndim != 2:
+        array = pixel_array(read_whole(image.path, image.inflate_limit))
+    except InflateLimitError as error:
         raise RequestError(
-            f"DICOM file {ds.filename} holds pixel data of shape {array.shape}; "
-            "expected one grayscale frame per file"
+            f"DICOM file {image.path.name} inflates past the {error.limit} bytes that its header "
+            f"declares (its header, {image.pixel_bytes} bytes of pixel data and "
+            f"{TRAILER_BYTES} after them): it is malformed"
+        ) from None
+    except DECODE_ERRORS as error:
+        raise _unreadable(image.path, "cannot decode the pixel data of", error) from None
+    declared = (int(image.dataset.Rows), int(image.dataset.Columns))
+    if array.shape != declared:
+        raise RequestError(
+            f"DICOM file {image.path.name} holds pixel data of shape {array.shape}, not the "
+            f"one frame of {declared} that its header declared when it was read"
         )
     return array
 
 
 def _rescale(ds: pydicom.Dataset) -> tuple[float, float]:
-    return float(ds.get("RescaleSlope") or 1.0), float(ds.get("RescaleIntercept") or 0.0)
+    try:
+        return float(ds.get("RescaleSlope") or 1.0), float(ds.get("RescaleIntercept") or 0.0)
+    except DECODE_ERRORS:
+        raise RequestError(
+            f"DICOM slice {_name(ds)} has a malformed RescaleSlope or RescaleIntercept"
+        ) from None
 
 
-def _voxels(datasets: list[pydicom.Dataset]) -> np.ndarray:
+def _voxels(images: list[_Image]) -> np.ndarray:
     """The (z, y, x) voxel values: float32 after rescaling, else the stored integers."""
-    rescales = [_rescale(ds) for ds in datasets]
+    rescales = [_rescale(image.dataset) for image in images]
     if all(rescale == (1.0, 0.0) for rescale in rescales):
-        return np.stack([_pixels(ds) for ds in datasets])
-    volume = np.empty((len(datasets), datasets[0].Rows, datasets[0].Columns), np.float32)
-    for k, (ds, (slope, intercept)) in enumerate(zip(datasets, rescales, strict=True)):
-        volume[k] = _pixels(ds) * slope + intercept
+        return np.stack([_pixels(image) for image in images])
+    first = images[0].dataset
+    volume = np.empty((len(images), first.Rows, first.Columns), np.float32)
+    for k, (image, (slope, intercept)) in enumerate(zip(images, rescales, strict=True)):
+        volume[k] = _pixels(image) * slope + intercept
     return volume
