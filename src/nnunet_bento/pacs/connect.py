@@ -94,9 +94,15 @@ def associate(node: DimseNode, contexts: list, timeout: float, **options: Any) -
     if not opened:
         raise NodeError(node.name, f"connection refused or no answer within {timeout:g} s")
     if association.is_rejected:
+        logger.warning(
+            "node %s rejected the association: called AE title %s, calling AE title %s",
+            node.name,
+            node.ae_title,
+            node.calling_ae_title,
+        )
         raise NodeError(
             node.name,
-            f"association rejected: check that the node's AE title is {node.ae_title} and "
-            f"that it accepts our calling AE title {node.calling_ae_title}",
+            "association rejected: check the node's AE title and our calling AE title in "
+            "NNUNET_BENTO_DICOM_NODES against the node's configuration (the server log names them)",
         )
     raise NodeError(node.name, "association aborted by the node")
