@@ -428,6 +428,20 @@ def test_too_many_entries_are_refused(tmp_path: Path, work: Path) -> None:
     assert_refused(archive, work, TooLargeError, "more than 3 entries", limits=limits)
 
 
+def test_a_zip_directory_claiming_too_many_entries_is_refused_before_it_is_parsed(
+    tmp_path: Path, work: Path
+) -> None:
+    """An end record alone that claims 60,000 entries: refused from the record (413), not
+    read by zipfile (which would find no directory and answer 400)."""
+    end = b"PK\x05\x06" + struct.pack("<4H2LH", 0, 0, 60000, 60000, 60000 * 46, 0, 0)
+    archive = tmp_path / "claims.zip"
+    archive.write_bytes(end)
+    assert_refused(archive, work, TooLargeError, "more than 100 entries")
+    directory = b"PK\x05\x06" + struct.pack("<4H2LH", 0, 0, 5, 5, 50 * 2**20, 0, 0)
+    archive.write_bytes(directory)
+    assert_refused(archive, work, TooLargeError, "central directory (52428800 bytes)")
+
+
 # --- not an archive, corrupt, empty ---------------------------------------------------------
 
 

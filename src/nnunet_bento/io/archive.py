@@ -3,9 +3,11 @@
 ``extract_study`` checks every entry before it writes anything: a name must stay inside the
 target (not absolute, no drive letter, no backslash, no '..'), an entry must be a regular file
 or a folder (no links, devices or FIFOs), and the entry count and the declared sizes must fit
-the limits. It then streams each file and counts the bytes it really writes, so an archive
-whose headers understate its sizes is still stopped at the limit. A failure removes what it
-wrote. Refusals name the entry as the archive gives it, never a server path.
+the limits; a zip's entry count and directory size are read from its end record before
+zipfile parses the directory. It then streams each file and counts the bytes it really
+writes, so an archive whose headers understate its sizes is still stopped at the limit. A
+failure removes what it wrote. Refusals name the entry as the archive gives it, never a
+server path.
 
 The archive kind is read from its first bytes, not its name: zip, gzip-compressed tar or
 plain POSIX/GNU tar. Zip entries must be stored or deflated (bzip2 and LZMA decompress without
@@ -21,6 +23,7 @@ import os
 import re
 import shutil
 import stat
+import struct
 import tarfile
 import tempfile
 import zipfile
@@ -47,6 +50,11 @@ _GZIP_MAGIC = b"\x1f\x8b"
 _TAR_MAGIC_OFFSET = 257
 _TAR_MAGIC = b"ustar"
 _ZIP_METHODS = (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED)
+_ZIP_END, _ZIP_END_SIZE = b"PK\x05\x06", 22
+_ZIP64_LOCATOR, _ZIP64_LOCATOR_SIZE = b"PK\x06\x07", 20
+_ZIP64_END, _ZIP64_END_SIZE = b"PK\x06\x06", 56
+_ZIP_TAIL_BYTES = _ZIP_END_SIZE + 0xFFFF + _ZIP64_LOCATOR_SIZE
+ZIP_DIRECTORY_BYTES_PER_ENTRY = 4096
 _ZIP_ENCRYPTED = 0x1
 _TAR_FILE_TYPES = (tarfile.REGTYPE, tarfile.AREGTYPE, tarfile.CONTTYPE)
 _TAR_REFUSED = {
@@ -188,6 +196,7 @@ def _reader(file: BinaryIO, limits: ArchiveLimits, stack: ExitStack) -> _Reader:
     file.seek(0)
     try:
         if head[:4] in _ZIP_MAGIC:
+            _check_zip_directory(file, limits)
             return _ZipReader(stack.enter_context(zipfile.ZipFile(file)), limits)
         if head[:2] == _GZIP_MAGIC:
             file = stack.enter_context(gzip.GzipFile(fileobj=file, mode="rb"))
@@ -197,6 +206,38 @@ def _reader(file: BinaryIO, limits: ArchiveLimits, stack: ExitStack) -> _Reader:
         return _TarReader(stack.enter_context(tarfile.open(fileobj=stream, mode="r:")))
     except (zipfile.BadZipFile, tarfile.ReadError):
         raise RequestError(NOT_AN_ARCHIVE) from None
+
+
+def _check_zip_directory(file: BinaryIO, limits: ArchiveLimits) -> None:
+    """From the end-of-central-directory record, before zipfile reads the directory: at most
+    ``max_entries`` entries, and a directory of at most ZIP_DIRECTORY_BYTES_PER_ENTRY per
+    entry (zipfile holds the whole directory in memory)."""
+    file.seek(0, os.SEEK_END)
+    size = file.tell()
+    file.seek(max(size - _ZIP_TAIL_BYTES, 0))
+    tail = file.read()
+    file.seek(0)
+    found = tail.rfind(_ZIP_END)
+    if found < 0 or len(tail) - found < _ZIP_END_SIZE:
+        return
+    entries, directory_bytes = struct.unpack_from("<10xHL", tail, found)
+    locator = found - _ZIP64_LOCATOR_SIZE
+    if entries == 0xFFFF and locator >= 0 and tail[locator : locator + 4] == _ZIP64_LOCATOR:
+        (end64,) = struct.unpack_from("<8xQ", tail, locator)
+        file.seek(end64)
+        record = file.read(_ZIP64_END_SIZE)
+        file.seek(0)
+        if record[:4] == _ZIP64_END and len(record) == _ZIP64_END_SIZE:
+            entries, directory_bytes = struct.unpack_from("<32xQQ", record)
+    if entries > limits.max_entries:
+        raise TooLargeError(
+            f"the archive has more than {limits.max_entries} entries, the entry limit"
+        )
+    if directory_bytes > ZIP_DIRECTORY_BYTES_PER_ENTRY * (limits.max_entries + 1):
+        raise TooLargeError(
+            f"the archive's central directory ({directory_bytes} bytes) is larger than "
+            f"{limits.max_entries} entries need"
+        )
 
 
 class _ZipReader:
