@@ -18,6 +18,7 @@ SHELL_DEFAULT = re.compile(r"\$\{([A-Z][A-Z0-9_]*)(?::?[-=])")
 LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)(?:\s+\"[^\"]*\")?\)")
 FENCE = re.compile(r"^(```|~~~).*?^\1", re.MULTILINE | re.DOTALL)
 INLINE_CODE = re.compile(r"`[^`\n]*`")
+CONVERTOR = re.compile(r"\{(\w+):\w+\}")
 
 
 def markdown_files() -> list[Path]:
@@ -140,19 +141,22 @@ def test_every_environment_variable_is_documented():
 
 
 def code_routes() -> set[tuple[str, str]]:
-    """(method, path) of every route: the upload and job routes, the BentoML APIs (POST), and
-    BentoML's probes and OpenAPI document."""
+    """(method, path) of every route: the upload and job routes, the BentoML APIs (POST, and
+    GET for those without inputs), and BentoML's probes and the OpenAPI document."""
     from nnunet_bento.server.job_routes import JOB_ROUTES
     from nnunet_bento.server.services import SegmentationServiceBase
 
     routes = set()
     for route in JOB_ROUTES:
         methods = getattr(route, "methods", None) or [route.method]
-        routes |= {(method, route.path) for method in methods}
+        path = CONVERTOR.sub(r"{\1}", route.path)  # /jobs/{job_id:job_id} -> /jobs/{job_id}
+        routes |= {(method, path) for method in methods}
     for attribute in vars(SegmentationServiceBase).values():
         route = getattr(attribute, "route", None)
         if type(attribute).__name__ == "APIMethod" and isinstance(route, str):
             routes.add(("POST", route))
+            if not attribute.input_spec.model_fields:  # served by GET too, as nnunet_serve's
+                routes.add(("GET", route))
     return routes | PROBE_ROUTES
 
 
