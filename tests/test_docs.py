@@ -4,6 +4,7 @@ relative link resolves, and the README stays short. No server is started."""
 import ast
 import re
 import unicodedata
+from functools import cache
 from pathlib import Path
 
 import pytest
@@ -110,7 +111,8 @@ def is_shell_script(path: Path) -> bool:
     return first.startswith("#!") and ("bash" in first or first.endswith("/sh"))
 
 
-def code_variables() -> set[str]:
+@cache
+def code_variables() -> frozenset[str]:
     """Every environment variable that src/, service.py and scripts/ read."""
     names = settings_variables()
     python = [ROOT / "service.py", *(ROOT / "src").rglob("*.py"), *(ROOT / "scripts").rglob("*.py")]
@@ -119,7 +121,7 @@ def code_variables() -> set[str]:
     for path in (ROOT / "scripts").rglob("*"):
         if path.is_file() and is_shell_script(path):
             names |= shell_reads(path.read_text())
-    return names
+    return frozenset(names)
 
 
 def test_the_scan_finds_what_the_code_reads():
@@ -140,7 +142,8 @@ def test_every_environment_variable_is_documented():
 # Routes
 
 
-def code_routes() -> set[tuple[str, str]]:
+@cache
+def code_routes() -> frozenset[tuple[str, str]]:
     """(method, path) of every route: the upload and job routes, the BentoML APIs (POST, and
     GET for those without inputs), and BentoML's probes and the OpenAPI document."""
     from nnunet_bento.server.job_routes import JOB_ROUTES
@@ -157,7 +160,7 @@ def code_routes() -> set[tuple[str, str]]:
             routes.add(("POST", route))
             if not attribute.input_spec.model_fields:  # served by GET too, as nnunet_serve's
                 routes.add(("GET", route))
-    return routes | PROBE_ROUTES
+    return frozenset(routes | PROBE_ROUTES)
 
 
 def documented_routes() -> set[tuple[str, str]]:
