@@ -32,7 +32,8 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import SimpleITK as sitk
-from pydicom.errors import InvalidDicomError
+from pydicom.dataelem import RawDataElement
+from pydicom.errors import BytesLengthException, InvalidDicomError
 from pydicom.pixels import pixel_array
 
 from ..errors import InputNotFoundError, RequestError, TooLargeError
@@ -72,6 +73,7 @@ DECODE_ERRORS = (
     struct.error,
     zlib.error,
     InvalidDicomError,
+    BytesLengthException,
 )
 
 
@@ -144,9 +146,12 @@ def _image_headers(folder: Path, max_voxels: int | None) -> list[_Image]:
 
 
 def _read_header(path: Path, inflate_limit: int) -> DicomHeader | None:
-    """The header of ``path``, or None when it is not a DICOM file."""
+    """The header of ``path``, its elements converted (those left on disk aside), or None
+    when it is not a DICOM file."""
     try:
-        return read_header(path, DEFER_SIZE, inflate_limit)
+        header = read_header(path, DEFER_SIZE, inflate_limit)
+        _convert(header.dataset)
+        return header
     except InvalidDicomError:
         return None
     except InflateLimitError:
@@ -156,6 +161,15 @@ def _read_header(path: Path, inflate_limit: int) -> DicomHeader | None:
         ) from None
     except DECODE_ERRORS as error:
         raise _unreadable(path, "cannot read the header of DICOM file", error) from None
+
+
+def _convert(ds: pydicom.Dataset) -> None:
+    """Convert each element read from its bytes, so that a malformed value is refused here
+    and not where it is used; elements left on disk stay there."""
+    for tag in list(ds.keys()):
+        element = ds.get_item(tag, keep_deferred=True)
+        if isinstance(element, RawDataElement) and element.value is not None:
+            ds[tag]  # pydicom converts the element and keeps it converted
 
 
 def _unreadable(path: Path, what: str, error: Exception) -> RequestError:
