@@ -1,5 +1,5 @@
 """The in-process runner: predictors as nnU-Net sets them up, trainer variants and external
-trainers, the warm predictor cache, job checks, the network step."""
+trainers, the warm predictor cache, the network step."""
 
 import shutil
 import subprocess
@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 import torch
 
-from nnunet_bento.errors import RequestError
 from nnunet_bento.io.images import image_file_in, read_image, to_nnunet_input
 from nnunet_bento.runners.device import DeviceSelector
 from nnunet_bento.runners.nnunet_runner import RunnerModel, RunnerSet, load_predictor
@@ -117,16 +116,6 @@ def test_probabilities_come_back_as_float16_for_the_asked_labels(demo_model_dirs
     result = runner_set(demo_model_dirs).predict(job("organ2d", t2_input, probability_labels=(2,)))
     assert result.probabilities.dtype == np.float16
     assert result.probabilities.shape == (1, *t2_input.array.shape[1:])
-
-
-def test_a_missing_fold_names_what_is_available(demo_model_dirs, t2_input):
-    with pytest.raises(RequestError, match=r"no fold_3/checkpoint_final.pth; available: fold_0/"):
-        runner_set(demo_model_dirs).predict(job("organ", t2_input, folds=(0, 3)))
-
-
-def test_a_wrong_channel_count_is_refused(demo_model_dirs, t2_input):
-    with pytest.raises(RequestError, match=r"takes 2 channel\(s\) \(T2, ADC\); got 1"):
-        runner_set(demo_model_dirs).predict(job("lesion", t2_input))
 
 
 def test_the_network_step_returns_logits_in_nnunets_dtype(demo_model_dirs, t2_input):
