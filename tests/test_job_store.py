@@ -342,3 +342,36 @@ def test_a_forked_child_opens_its_own_connection(store: JobStore) -> None:
     child.join(30)
     assert child.exitcode == 0
     assert store.get(job.job_id).status == "running"
+
+
+def test_a_restart_fails_the_running_jobs_and_keeps_what_jobs_hold(tmp_path):
+    path = tmp_path / "work" / "jobs.sqlite"
+    before = JobStore(path, TTL_S)
+    running = before.create("upload", tmp_path / "work" / "uploads" / "a").job_id
+    before.start(running)
+    queued = before.create("upload", tmp_path / "work" / "uploads" / "b").job_id
+    done = before.create("infer").job_id
+    before.start(done)
+    before.finish(done, {}, str(tmp_path / "work" / "uploads" / "c" / "result.zip"))
+    after = JobStore(path, TTL_S)
+    (interrupted,) = after.fail_interrupted()
+    assert interrupted.job_id == running and interrupted.status == "failed"
+    assert "interrupted by a restart" in (after.get(running).error or "")
+    assert after.get(queued).status == "queued"
+    assert after.folders_in_use() == {
+        tmp_path / "work" / "uploads" / "b",
+        tmp_path / "work" / "uploads" / "c",
+    }
+
+
+def test_a_file_of_the_earlier_schema_gains_the_new_column(tmp_path):
+    path = tmp_path / "jobs.sqlite"
+    with sqlite3.connect(path) as db:
+        db.execute(
+            "CREATE TABLE jobs (job_id TEXT PRIMARY KEY, kind TEXT NOT NULL, status TEXT NOT NULL,"
+            " stage INTEGER, n_stages INTEGER, step TEXT, created REAL NOT NULL, started REAL,"
+            " finished REAL, error TEXT, status_code INTEGER, result_json TEXT, result_file TEXT)"
+        )
+    store = JobStore(path, TTL_S)
+    record = store.create("upload", tmp_path / "uploads" / "x")
+    assert store.get(record.job_id).input_folder == str(tmp_path / "uploads" / "x")

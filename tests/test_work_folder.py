@@ -6,7 +6,12 @@ import stat
 import pytest
 
 from nnunet_bento.errors import WorkFolderError
-from nnunet_bento.io.work_folder import SUBFOLDERS, prepare_work_folder
+from nnunet_bento.io.work_folder import (
+    SUBFOLDERS,
+    claim_work_folder,
+    prepare_work_folder,
+    sweep_work_folder,
+)
 
 
 def mode(path) -> int:
@@ -53,3 +58,27 @@ def test_a_folder_another_user_owns_is_refused(tmp_path):
     os.chown(work, 65534, 65534)
     with pytest.raises(WorkFolderError, match=r"belongs to another user \(uid 65534\)"):
         prepare_work_folder(work)
+
+
+def test_only_the_first_server_to_claim_the_folder_may_sweep_it(tmp_path):
+    work = prepare_work_folder(tmp_path / "work")
+    first, alone = claim_work_folder(work)
+    assert alone
+    second, second_alone = claim_work_folder(work)
+    assert not second_alone, "a live server holds a claim"
+    os.close(first)
+    os.close(second)
+    third, third_alone = claim_work_folder(work)
+    assert third_alone, "the claims of stopped servers are gone with them"
+    os.close(third)
+
+
+def test_the_sweep_keeps_what_jobs_hold(tmp_path):
+    work = prepare_work_folder(tmp_path / "work")
+    for folder in ("uploads/queued", "uploads/done", "uploads/orphan", "pulls/old"):
+        (work / folder).mkdir()
+        (work / folder / "file").write_bytes(b"x")
+    removed = sweep_work_folder(work, [work / "uploads" / "queued", work / "uploads" / "done"])
+    assert sorted(p.name for p in removed) == ["old", "orphan"]
+    assert sorted(p.name for p in (work / "uploads").iterdir()) == ["done", "queued"]
+    assert list((work / "pulls").iterdir()) == []

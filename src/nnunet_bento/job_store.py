@@ -39,9 +39,13 @@ CREATE TABLE IF NOT EXISTS jobs (
     error TEXT,
     status_code INTEGER,
     result_json TEXT,
-    result_file TEXT
+    result_file TEXT,
+    input_folder TEXT
 )
 """
+#: Columns added after the first release, with their type: added to older files at open.
+_ADDED_COLUMNS = {"input_folder": "TEXT"}
+INTERRUPTED = "interrupted by a restart of the server; nothing was committed: submit the job again"
 
 
 @dataclass(frozen=True)
@@ -61,11 +65,12 @@ class JobRecord:
     status_code: int | None
     result_json: dict[str, Any] | None
     result_file: str | None
+    input_folder: str | None = None
 
     def to_public(self) -> dict[str, Any]:
         """What GET /jobs/{job_id} answers; stage is {index (0-based, as stage_N), count}.
 
-        It holds no result and never a server path (``result_file``).
+        It holds no result and never a server path (``result_file``, ``input_folder``).
         """
         stage = None if self.stage is None else {"index": self.stage, "count": self.n_stages}
         return {
@@ -113,6 +118,10 @@ class JobStore:
             fcntl.flock(lock, fcntl.LOCK_EX)
             self._db().execute("PRAGMA journal_mode=WAL")
             self._db().execute(_SCHEMA)
+            present = {row["name"] for row in self._db().execute("PRAGMA table_info(jobs)")}
+            for column, kind in _ADDED_COLUMNS.items():
+                if column not in present:
+                    self._db().execute(f"ALTER TABLE jobs ADD COLUMN {column} {kind}")
 
     def _db(self) -> sqlite3.Connection:
         """This thread's connection, opened on first use and again in a forked child.
@@ -128,12 +137,13 @@ class JobStore:
             local.pid = os.getpid()
         return local.db
 
-    def create(self, kind: JobKind) -> JobRecord:
-        """A new queued job with a random, unguessable id."""
+    def create(self, kind: JobKind, input_folder: Path | None = None) -> JobRecord:
+        """A new queued job with a random, unguessable id; ``input_folder`` holds its inputs
+        (an upload's) in the work folder while the job needs them."""
         (record,) = self._records(
-            "INSERT INTO jobs (job_id, kind, status, created) VALUES (?, ?, 'queued', ?) "
-            f"RETURNING {_COLUMNS}",
-            (secrets.token_urlsafe(16), kind, self._clock()),
+            "INSERT INTO jobs (job_id, kind, status, created, input_folder) "
+            f"VALUES (?, ?, 'queued', ?, ?) RETURNING {_COLUMNS}",
+            (secrets.token_urlsafe(16), kind, self._clock(), input_folder and str(input_folder)),
         )
         return record
 
@@ -185,6 +195,29 @@ class JobStore:
         """Whether the worker should stop: the job was cancelled, or its record is gone."""
         record = self.get(job_id)
         return record is None or record.status == "cancelled"
+
+    def fail_interrupted(self) -> list[JobRecord]:
+        """running -> failed for the jobs a stopped server left running (call it at start-up,
+        before this server runs any job); the records after it."""
+        return self._records(
+            "UPDATE jobs SET status = 'failed', finished = ?, error = ?, status_code = 503 "
+            f"WHERE status = 'running' RETURNING {_COLUMNS}",
+            (self._clock(), INTERRUPTED),
+        )
+
+    def folders_in_use(self) -> set[Path]:
+        """The work folders that job records still hold: queued jobs' inputs, results."""
+        rows = self._db().execute(
+            "SELECT input_folder, result_file, status FROM jobs "
+            "WHERE input_folder IS NOT NULL OR result_file IS NOT NULL"
+        )
+        held = set()
+        for row in rows:
+            if row["status"] == "queued" and row["input_folder"]:
+                held.add(Path(row["input_folder"]))
+            if row["result_file"]:
+                held.add(Path(row["result_file"]).parent)
+        return held
 
     def expire(self, now: float | None = None) -> list[JobRecord]:
         """Delete the records finished more than ttl_s ago; returns them (to delete results)."""

@@ -6,10 +6,16 @@ locks and job records, private to the server's user.
   inside, whatever the file's own mode.
 - At start-up, a folder that is a link, that another user owns, or that group or others may
   write is refused with one line that says what to do: someone else may have made it first.
+- Each server holds a shared claim on the folder while it lives. A server that starts while
+  no other holds one knows that what is left was left by stopped servers: it sweeps the
+  uploads and pulled series that no job holds.
 """
 
+import fcntl
 import os
+import shutil
 import stat
+from collections.abc import Iterable
 from pathlib import Path
 
 from ..errors import WorkFolderError
@@ -48,3 +54,29 @@ def prepare_work_folder(path: Path) -> Path:
     for name in SUBFOLDERS:
         private_folder(path / name)
     return path
+
+
+def claim_work_folder(path: Path) -> tuple[int, bool]:
+    """A shared claim on the work folder, held while the descriptor stays open, and whether
+    this process is the only server using the folder (no other live server holds a claim)."""
+    descriptor = os.open(path / "servers.lock", os.O_CREAT | os.O_RDWR | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        alone = True
+    except BlockingIOError:
+        alone = False
+    fcntl.flock(descriptor, fcntl.LOCK_SH)
+    return descriptor, alone
+
+
+def sweep_work_folder(path: Path, held: Iterable[Path]) -> list[Path]:
+    """Remove the uploads and pulled series that no job holds; answers what was removed.
+    Call it only as the one server using the folder (``claim_work_folder``)."""
+    kept = {Path(folder).resolve() for folder in held}
+    removed = []
+    for name in ("uploads", "pulls"):
+        for entry in sorted((path / name).iterdir()):
+            if entry.resolve() not in kept:
+                shutil.rmtree(entry, ignore_errors=True)
+                removed.append(entry)
+    return removed
