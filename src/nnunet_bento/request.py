@@ -19,7 +19,6 @@ from pydantic import (
     model_validator,
 )
 from pydantic.fields import FieldInfo
-from pydantic.json_schema import SkipJsonSchema
 
 FoldId = int | str
 Voxels = Annotated[int, Field(ge=0, le=10_000)]
@@ -263,6 +262,19 @@ def _per_model_field(name: str, info: FieldInfo) -> tuple[Any, Any]:
     return request_type, Field(None, description=field_help(name))
 
 
+#: The schema of the study's two sources: one is given (not null), the other absent or null.
+STUDY_CHOICE = [
+    {
+        "required": ["study_path"],
+        "properties": {"study_path": {"type": "string"}, "dicom_source": {"type": "null"}},
+    },
+    {
+        "required": ["dicom_source"],
+        "properties": {"dicom_source": {"type": "object"}, "study_path": {"type": "null"}},
+    },
+]
+
+
 class DicomSourceRef(BaseModel):
     """A study on a DICOM node of the server's configuration."""
 
@@ -277,24 +289,21 @@ class DicomSourceRef(BaseModel):
 class RequestFields(BaseModel):
     """The fields of a request that apply to all of its models.
 
-    The study comes from exactly one of study_path and dicom_source: the JSON schema says so
-    with ``oneOf``, and either field, when given, is not null.
+    The study comes from exactly one of study_path and dicom_source; the other is absent or
+    null. The JSON schema says so with ``oneOf`` (STUDY_CHOICE).
     """
 
-    model_config = ConfigDict(
-        extra="forbid",
-        json_schema_extra={"oneOf": [{"required": ["study_path"]}, {"required": ["dicom_source"]}]},
-    )
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"oneOf": STUDY_CHOICE})
 
     nnunet_id: ModelName | Annotated[list[ModelName], Field(min_length=1, max_length=16)] = Field(
         description="Model id, name or alias; a list runs the models as a cascade."
     )
-    study_path: str | SkipJsonSchema[None] = Field(
+    study_path: str | None = Field(
         None,
         description="Root folder of the study; series_folders are under it. Required unless "
         "dicom_source is given.",
     )
-    dicom_source: DicomSourceRef | SkipJsonSchema[None] = Field(
+    dicom_source: DicomSourceRef | None = Field(
         None,
         description="Pull the study from a DICOM node instead of study_path; series_folders "
         "then name series by SeriesInstanceUID or SeriesDescription. Implies is_dicom.",
@@ -343,13 +352,6 @@ class RequestFields(BaseModel):
         description="Replace the results of an earlier request in output_dir as a whole; "
         "without it, an output_dir that holds results is refused (409).",
     )
-
-    @field_validator("study_path", "dicom_source", mode="before")
-    @classmethod
-    def _given_not_null(cls, value: Any) -> Any:
-        if value is None:
-            raise ValueError("give a value, or leave the field out")
-        return value
 
     @model_validator(mode="after")
     def _one_study(self) -> "RequestFields":
