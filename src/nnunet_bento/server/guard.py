@@ -1,15 +1,17 @@
-"""ASGI middleware that guards the HTTP door: Origin, CORS, bearer token and Content-Type.
+"""ASGI middleware that guards the HTTP door: Origin, CORS, bearer token, method and
+Content-Type, checked in this order.
 
-It decides from the request headers alone, never reads the request body and never echoes the
-token. Its refusals are JSON in the nnunet_serve-compatible shape:
-{"status": "failed", "error": ...}.
+It decides from the request headers and the application's routes alone, never reads the
+request body and never echoes the token. Its refusals are JSON in the nnunet_serve-compatible
+shape: {"status": "failed", "error": ...}.
 """
 
 import hmac
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 from starlette.datastructures import Headers, MutableHeaders
 from starlette.responses import Response
+from starlette.routing import BaseRoute, Match, Mount, Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .error_body import error_response
@@ -23,6 +25,8 @@ PREFLIGHT_HEADERS = {
     "Access-Control-Max-Age": "600",
 }
 TOKEN_ERROR = "missing or invalid bearer token (Authorization: Bearer <token>)"
+#: The health probes and metrics: they answer without a token.
+OPEN_PATHS = ("/readyz", "/livez", "/healthz", "/metrics")
 
 
 def bearer_token_matches(header: str | None, token: str) -> bool:
@@ -40,6 +44,35 @@ def _media_type(content_type: str | None) -> str:
     return (content_type or "").split(";", 1)[0].strip().lower()
 
 
+def allowed_methods(routes: Iterable[BaseRoute], scope: Scope) -> set[str] | None:
+    """The methods that the routes serve at the scope's path: empty when no route has the path,
+    None when a route or mounted application there may take any method."""
+    methods: set[str] = set()
+    for route in routes:
+        match, child_scope = route.matches(scope)
+        if match is Match.NONE:
+            continue
+        if isinstance(route, Mount) and route.routes:
+            inner = allowed_methods(route.routes, {**scope, **child_scope})
+        else:
+            inner = route.methods if isinstance(route, Route) else None
+        if inner is None:
+            return None
+        methods |= inner
+    return methods
+
+
+def _method_refusal(scope: Scope) -> Response | None:
+    """A 405 with Allow when the application (scope["app"], set by Starlette) serves the path
+    but not with this method, else None."""
+    allowed = allowed_methods(getattr(scope.get("app"), "routes", ()), scope)
+    if not allowed or scope["method"] in allowed:
+        return None
+    allow = ", ".join(sorted(allowed))
+    message = f"method {scope['method']} is not allowed here; use {allow}"
+    return error_response(405, message, {"Allow": allow})
+
+
 def _with_cors(send: Send, origin: str) -> Send:
     """Wrap send so that every response start allows origin and varies on Origin."""
 
@@ -54,7 +87,8 @@ def _with_cors(send: Send, origin: str) -> Send:
 
 
 class RequestGuard:
-    """Refuses foreign origins, missing bearer tokens and unexpected Content-Types; adds CORS."""
+    """Refuses foreign origins, missing bearer tokens, undeclared methods and unexpected
+    Content-Types; adds CORS."""
 
     def __init__(
         self,
@@ -62,7 +96,7 @@ class RequestGuard:
         *,
         token: str | None,
         allowed_origins: Sequence[str] = (),
-        open_paths: Sequence[str] = ("/readyz", "/livez", "/metrics"),
+        open_paths: Sequence[str] = OPEN_PATHS,
         multipart_paths: Sequence[str] = (),
     ) -> None:
         if token == "":
@@ -88,7 +122,11 @@ class RequestGuard:
             if scope["method"] == "OPTIONS" and "access-control-request-method" in headers:
                 await Response(status_code=204, headers=PREFLIGHT_HEADERS)(scope, receive, send)
                 return
-        refusal = self._token_refusal(scope, headers) or self._content_type_refusal(scope, headers)
+        refusal = (
+            self._token_refusal(scope, headers)
+            or _method_refusal(scope)
+            or self._content_type_refusal(scope, headers)
+        )
         await (refusal or self.app)(scope, receive, send)
 
     def _origin_accepted(self, scope: Scope, headers: Headers, origin: str) -> bool:
