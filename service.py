@@ -4,6 +4,7 @@ import bentoml
 
 from nnunet_bento.server.error_body import ErrorBodyMiddleware
 from nnunet_bento.server.guard import RequestGuard
+from nnunet_bento.server.routes import build_routes
 from nnunet_bento.server.runner_service import (
     ModelRunnerBase,
     bento_model_attributes,
@@ -11,7 +12,6 @@ from nnunet_bento.server.runner_service import (
 )
 from nnunet_bento.server.services import (
     SegmentationServiceBase,
-    build_get_routes,
     guard_options,
     load_dicom_nodes_or_exit,
     load_registry_or_exit,
@@ -22,7 +22,6 @@ from nnunet_bento.settings import load_settings
 SETTINGS = load_settings()
 REGISTRY = load_registry_or_exit(SETTINGS)
 DICOM_NODES = load_dicom_nodes_or_exit(SETTINGS)
-GET_ROUTES = build_get_routes()
 
 ModelRunner = bentoml.service(**runner_config(SETTINGS))(
     type(
@@ -38,11 +37,10 @@ SegmentationService = bentoml.service(**segmentation_config(SETTINGS))(
         {
             "registry": REGISTRY,
             "dicom_nodes": DICOM_NODES,
-            "get_routes": GET_ROUTES,
             "runner": bentoml.depends(ModelRunner),
         },
     )
 )
-SegmentationService.mount_asgi_app(GET_ROUTES, path="/")
+SegmentationService.mount_asgi_app(build_routes(SegmentationService), path="/")
 SegmentationService.add_asgi_middleware(ErrorBodyMiddleware)
 SegmentationService.add_asgi_middleware(RequestGuard, **guard_options(SETTINGS))

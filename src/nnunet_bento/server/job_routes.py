@@ -19,12 +19,14 @@ import json
 import logging
 import shutil
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
-from pydantic import ValidationError
+from pydantic import BaseModel, Field
 from starlette.background import BackgroundTask
+from starlette.convertors import Convertor, register_url_convertor
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
@@ -32,35 +34,115 @@ from starlette.responses import FileResponse, JSONResponse, Response
 
 from ..errors import NnunetBentoError, RequestError, TooLargeError
 from ..io.archive import ArchiveLimits, extract_study, pack_outputs
-from ..job_store import JobRecord, JobStore
-from ..request import InferenceRequest, InferenceResponse, format_validation_error
+from ..job_store import JobKind, JobRecord, JobStatus, JobStore
+from ..pipeline import StepCallback
+from ..request import SERVER_SET_FIELDS, InferenceRequest, InferenceResponse
 from ..settings import ServeSettings
+from .admission import RETRY_AFTER_S, Admission
 from .error_body import error_response
+from .request_body import parse_json, parse_request
 
 logger = logging.getLogger("nnunet_bento")
 UPLOAD_PATHS = ("/infer_file", "/jobs/upload")
 CHUNK = 1 << 20
-SERVER_FIELDS = ("study_path", "output_dir", "dicom_source", "overwrite")
-RETRY_HEADERS = {"Retry-After": "10"}
+RETRY_HEADERS = {"Retry-After": str(RETRY_AFTER_S)}
+
+
+class JobIdConvertor(Convertor[str]):
+    """A job id as JobStore makes them (URL-safe base64 text), so that no other path under
+    /jobs, such as /jobs/upload, routes as a job."""
+
+    regex = "[A-Za-z0-9_-]{16,128}"
+
+    def convert(self, value: str) -> str:
+        return value
+
+    def to_string(self, value: str) -> str:
+        return value
+
+
+register_url_convertor("job_id", JobIdConvertor())
 
 
 @dataclass(frozen=True)
 class RouteSpec:
-    """A route of JobRoutes: its path, methods and the JobRoutes method that answers."""
+    """A route of JobRoutes: its path, its method and the JobRoutes method that answers."""
 
     path: str
-    methods: list[str]
+    method: str
     name: str
 
 
 JOB_ROUTES = (
-    RouteSpec("/infer_file", ["POST"], "infer_file"),
-    RouteSpec("/jobs", ["POST"], "submit"),
-    RouteSpec("/jobs/upload", ["POST"], "submit_upload"),
-    RouteSpec("/jobs/{job_id}", ["GET"], "status"),
-    RouteSpec("/jobs/{job_id}", ["DELETE"], "cancel"),
-    RouteSpec("/jobs/{job_id}/result", ["GET"], "result"),
+    RouteSpec("/infer_file", "POST", "infer_file"),
+    RouteSpec("/jobs", "POST", "submit"),
+    RouteSpec("/jobs/upload", "POST", "submit_upload"),
+    RouteSpec("/jobs/{job_id:job_id}", "GET", "status"),
+    RouteSpec("/jobs/{job_id:job_id}", "DELETE", "cancel"),
+    RouteSpec("/jobs/{job_id:job_id}/result", "GET", "result"),
 )
+
+
+class JobCreated(BaseModel):
+    """The 202 answer of POST /jobs and /jobs/upload."""
+
+    job_id: str
+    status: JobStatus
+
+
+class StageProgress(BaseModel):
+    """The stage a job runs: index (0-based, as stage_N) and count."""
+
+    index: int
+    count: int | None
+
+
+class JobState(BaseModel):
+    """What GET and DELETE /jobs/{job_id} answer: a job's state, never a result or a path."""
+
+    job_id: str
+    kind: JobKind
+    status: JobStatus
+    stage: StageProgress | None
+    step: str | None
+    created: str
+    started: str | None
+    finished: str | None
+    error: str | None
+    status_code: int | None
+
+
+class UploadForm(BaseModel):
+    """The multipart parts of /infer_file and /jobs/upload (read by receive_upload)."""
+
+    archive: bytes = Field(description="The study as a .zip or .tar.gz file.")
+    request: str = Field(
+        description="JSON: the /infer body without the fields the server sets itself "
+        f"({', '.join(SERVER_SET_FIELDS)})."
+    )
+
+
+class JobHost(Protocol):
+    """What the upload and job routes need from the service that runs them."""
+
+    settings: ServeSettings
+    admission: Admission
+
+    async def run_pipeline(
+        self,
+        request: InferenceRequest,
+        on_step: StepCallback | None = None,
+        check: Callable[[], None] | None = None,
+    ) -> InferenceResponse: ...
+
+    async def run_admitted(
+        self,
+        request: InferenceRequest,
+        on_step: StepCallback | None = None,
+        check: Callable[[], None] | None = None,
+    ) -> InferenceResponse: ...
+
+    def failure_for(self, nnunet_id: Any, error: Exception) -> JSONResponse: ...
 
 
 class JobCancelledError(NnunetBentoError):
@@ -147,13 +229,10 @@ async def save_archive(
 
 def request_fields(text: str) -> dict[str, Any]:
     """The 'request' part: a JSON object, without the fields the server sets itself."""
-    try:
-        fields = json.loads(text)
-    except json.JSONDecodeError as error:
-        raise RequestError(f"the 'request' part is not JSON: {error.msg}") from None
+    fields = parse_json(text, "the 'request' part")
     if not isinstance(fields, dict):
         raise RequestError("the 'request' part must be a JSON object (the /infer body)")
-    given = sorted(set(fields) & set(SERVER_FIELDS))
+    given = sorted(set(fields) & set(SERVER_SET_FIELDS))
     if given:
         raise RequestError(
             f"the 'request' part of an upload may not give {', '.join(given)}: the server "
@@ -177,17 +256,25 @@ def study_root(upload: Upload, fields: dict[str, Any]) -> Path:
 def upload_request(upload: Upload, fields: dict[str, Any]) -> InferenceRequest:
     """The /infer request for an extracted upload."""
     study = study_root(upload, fields)
-    body = {**fields, "study_path": str(study), "output_dir": str(upload.output)}
+    return parse_request({**fields, "study_path": str(study), "output_dir": str(upload.output)})
+
+
+async def receive_upload_request(
+    request: Request, settings: ServeSettings
+) -> tuple[Upload, InferenceRequest]:
+    """The stored upload and its /infer request; nothing stays behind on error."""
+    upload, fields = await receive_upload(request, settings)
     try:
-        return InferenceRequest.model_validate(body)
-    except ValidationError as error:
-        raise RequestError(format_validation_error(error)) from None
+        return upload, upload_request(upload, fields)
+    except BaseException:
+        shutil.rmtree(upload.folder, ignore_errors=True)
+        raise
 
 
 def relative_response(response: InferenceResponse, upload: Upload) -> dict[str, Any]:
     """The response with paths relative to the archive's root (outputs as stage_N/...)."""
     record = response.model_dump(mode="json")
-    for key in ("study_path", "output_dir", "overwrite"):
+    for key in SERVER_SET_FIELDS:
         record["request"].pop(key, None)
     text = json.dumps(record)
     for folder in (upload.output, upload.study, upload.folder / "study"):
@@ -209,12 +296,11 @@ def zip_response(path: Path, remove: Path | None = None) -> FileResponse:
 
 
 class JobRoutes:
-    """The upload and job routes of one API worker, running on its SegmentationService."""
+    """The upload and job routes of one API worker, running on its host service."""
 
-    def __init__(self, service: Any) -> None:
-        self.service = service
-        settings: ServeSettings = service.settings
-        self.settings = settings
+    def __init__(self, host: JobHost) -> None:
+        self.host = host
+        self.settings = settings = host.settings
         self.jobs = JobStore(
             settings.nnunet_bento_work_dir / "jobs.sqlite", settings.nnunet_bento_job_ttl_s
         )
@@ -223,48 +309,46 @@ class JobRoutes:
     async def infer_file(self, request: Request) -> Response:
         """Run an uploaded study now; answer the zip of its outputs."""
         try:
-            upload, fields = await receive_upload(request, self.settings)
+            upload, inference = await receive_upload_request(request, self.settings)
         except NnunetBentoError as error:
             return error_response(error.status_code, str(error))
         try:
-            inference = upload_request(upload, fields)
-            response = await self.service.run_pipeline(inference)
+            response = await self.host.run_pipeline(inference)
             return zip_response(pack_result(response, upload), remove=upload.folder)
         except Exception as error:
             shutil.rmtree(upload.folder, ignore_errors=True)
-            return self.service.failure_for(fields.get("nnunet_id"), error)
+            return self.host.failure_for(inference.nnunet_id, error)
 
     async def submit(self, request: Request) -> Response:
         """Queue an /infer body as a job: 202 with its id."""
         try:
-            body = await request.json()
-            inference = InferenceRequest.model_validate(body)
-        except ValidationError as error:
-            return error_response(400, format_validation_error(error))
-        except ValueError as error:
-            return error_response(400, f"the body is not JSON: {error}")
+            inference = parse_request(parse_json(await request.body(), "the body"))
+        except RequestError as error:
+            return error_response(error.status_code, str(error))
         return self.start_job("infer", inference, None)
 
     async def submit_upload(self, request: Request) -> Response:
         """Queue an uploaded study as a job: 202 with its id."""
         try:
-            upload, fields = await receive_upload(request, self.settings)
-            inference = upload_request(upload, fields)
+            upload, inference = await receive_upload_request(request, self.settings)
         except NnunetBentoError as error:
             return error_response(error.status_code, str(error))
         return self.start_job("upload", inference, upload)
 
-    def start_job(self, kind: str, inference: InferenceRequest, upload: Upload | None) -> Response:
+    def start_job(
+        self, kind: JobKind, inference: InferenceRequest, upload: Upload | None
+    ) -> Response:
         self.expire()
-        if self.service.admission.full():
+        if self.host.admission.full():
             if upload is not None:
                 shutil.rmtree(upload.folder, ignore_errors=True)
-            return error_response(503, self.service.admission.busy_message(), RETRY_HEADERS)
+            return error_response(503, self.host.admission.busy_message(), RETRY_HEADERS)
         record = self.jobs.create(kind)
         task = asyncio.create_task(self.run_job(record.job_id, inference, upload))
         self.tasks.add(task)
         task.add_done_callback(self.job_ended)
-        return JSONResponse({"job_id": record.job_id, "status": record.status}, status_code=202)
+        created = JobCreated(job_id=record.job_id, status=record.status)
+        return JSONResponse(created.model_dump(), status_code=202)
 
     def job_ended(self, task: asyncio.Task) -> None:
         """Forget the task; a job that broke outside its own error handling is logged."""
@@ -286,16 +370,16 @@ class JobRoutes:
                 raise JobCancelledError(f"job {job_id} was cancelled; nothing was written")
 
         try:
-            async with self.service.admission.slot():
+            async with self.host.admission.slot():
                 if not self.jobs.start(job_id):
                     return
-                response = await self.service.run_admitted(inference, on_step, check)
+                response = await self.host.run_admitted(inference, on_step, check)
             if upload is None:
                 self.jobs.finish(job_id, response.model_dump(mode="json"))
             else:
                 self.jobs.finish(job_id, None, str(pack_result(response, upload)))
         except Exception as error:
-            failure = self.service.failure_for(inference.nnunet_id, error)
+            failure = self.host.failure_for(inference.nnunet_id, error)
             self.jobs.fail(job_id, json.loads(failure.body)["error"], failure.status_code)
         finally:
             if upload is not None:
@@ -317,12 +401,15 @@ class JobRoutes:
         return self.jobs.get(request.path_params["job_id"])
 
     async def status(self, request: Request) -> Response:
+        """A job's state: queued, running (stage i of n, step), done, failed or cancelled."""
         record = self.record(request)
         if record is None:
             return unknown_job(request)
-        return JSONResponse(record.to_public())
+        return job_state(record)
 
     async def result(self, request: Request) -> Response:
+        """A finished job's result: the /infer response of a job by path, the zip of an upload
+        job. A failed job answers its own status and error; an unfinished one 409."""
         record = self.record(request)
         if record is None:
             return unknown_job(request)
@@ -337,19 +424,25 @@ class JobRoutes:
         return JSONResponse(record.result_json)
 
     async def cancel(self, request: Request) -> Response:
+        """Cancel a queued or running job; nothing of it is written. Its state stays readable."""
         self.expire()
         record = self.jobs.cancel(request.path_params["job_id"])
         if record is None:
             return unknown_job(request)
         if record.status != "cancelled":
             return error_response(409, f"job {record.job_id} is already {record.status}")
-        return JSONResponse(record.to_public())
+        return job_state(record)
 
     def expire(self) -> None:
         """Forget jobs past NNUNET_BENTO_JOB_TTL_S and remove their result files."""
         for record in self.jobs.expire():
             if record.result_file:
                 shutil.rmtree(Path(record.result_file).parent, ignore_errors=True)
+
+
+def job_state(record: JobRecord) -> JSONResponse:
+    """The public state of a job (JobState)."""
+    return JSONResponse(JobState.model_validate(record.to_public()).model_dump(mode="json"))
 
 
 def unknown_job(request: Request) -> Response:

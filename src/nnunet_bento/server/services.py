@@ -7,7 +7,7 @@ dependency as class attributes.
 import asyncio
 import logging
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import Any
 
 import aiohttp
@@ -15,10 +15,7 @@ import anyio
 import bentoml
 import httpx
 from bentoml.exceptions import BentoMLException
-from starlette.applications import Starlette
-from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
+from starlette.responses import JSONResponse
 
 from ..catalog.registry import Registry, build_registry, weights_source
 from ..catalog.spec import load_spec
@@ -31,7 +28,8 @@ from ..request import InferenceRequest, InferenceResponse
 from ..settings import ServeSettings, allowed_origins, load_settings
 from .admission import RETRY_AFTER_S, Admission, deadline_check
 from .error_body import error_response
-from .job_routes import JOB_ROUTES, UPLOAD_PATHS, JobRoutes
+from .job_routes import UPLOAD_PATHS, JobRoutes
+from .request_body import StrictInferenceRequest, parse_request
 from .runner_service import RunnerServicePredictor
 
 logger = logging.getLogger("nnunet_bento")
@@ -98,6 +96,17 @@ def warn_about_open_doors(settings: ServeSettings) -> None:
         )
 
 
+def given_fields(fields: dict[str, Any]) -> dict[str, Any]:
+    """The fields of an /infer body as BentoML hands them, without those at their default.
+
+    BentoML passes every field, with its default where the body gave none. Leaving those out
+    makes the request's fields_set the fields that the body gave a value of their own (tmp_dir,
+    for one, is answered with a warning only when given).
+    """
+    declared = StrictInferenceRequest.model_fields
+    return {name: value for name, value in fields.items() if value != declared[name].default}
+
+
 def is_runner_unavailable(error: Exception) -> bool:
     """Whether ``error`` is the BentoML client failing to reach the ModelRunner."""
     return isinstance(
@@ -111,7 +120,6 @@ class SegmentationServiceBase:
     registry: Registry
     dicom_nodes: dict[str, DicomNode]
     runner: Any
-    get_routes: Starlette
 
     def __init__(self) -> None:
         self.settings = load_settings()
@@ -132,17 +140,15 @@ class SegmentationServiceBase:
             logger.warning("removed the staging folder %s of an interrupted request", folder)
         self.device: str | None = None
         self.device_query: asyncio.Future | None = None
-        self.get_routes.state.service = self
-        self.get_routes.state.jobs = JobRoutes(self)
+        self.job_routes = JobRoutes(self)
 
-    @bentoml.api(input_spec=InferenceRequest)
+    @bentoml.api(input_spec=StrictInferenceRequest)
     async def infer(self, **fields: Any) -> dict[str, Any]:
         """Run one inference request (a model, or a cascade of models)."""
-        request = InferenceRequest(**fields)
         try:
-            response = await self.run_pipeline(request)
+            response = await self.run_pipeline(parse_request(given_fields(fields)))
         except Exception as error:
-            return self.failure(request, error)
+            return self.failure_for(fields.get("nnunet_id"), error)
         return response.model_dump(mode="json")
 
     async def run_pipeline(
@@ -172,9 +178,6 @@ class SegmentationServiceBase:
 
         return await anyio.to_thread.run_sync(self.pipeline.run, request, on_step, checks)
 
-    def failure(self, request: InferenceRequest, error: Exception) -> JSONResponse:
-        return self.failure_for(request.nnunet_id, error)
-
     def failure_for(self, nnunet_id: Any, error: Exception) -> JSONResponse:
         """The error response for a failed request; details of unexpected errors go to the log."""
         if is_runner_unavailable(error):
@@ -197,13 +200,10 @@ class SegmentationServiceBase:
 
     @bentoml.api
     async def model_info(self) -> dict[str, Any]:
-        """The registry: one record per model id, with the device that runs the models."""
-        return await self.describe_models()
+        """The registry: one record per model id, with the device that runs the models.
 
-    async def describe_models(self) -> dict[str, Any]:
-        """The /model_info body. The runner's device is asked once, waiting half a second at
-        most: a runner busy with a first inference answers later, and until then the device
-        is "unknown"."""
+        The runner's device is asked once, waiting half a second at most: a runner busy with a
+        first inference answers later, and until then the device is "unknown"."""
         if self.device is None and (self.device_query is None or self.device_query.done()):
             self.device_query = asyncio.ensure_future(self.query_device())
             await asyncio.wait({self.device_query}, timeout=DEVICE_QUERY_S)
@@ -231,37 +231,3 @@ class SegmentationServiceBase:
     async def request_params(self) -> dict[str, Any]:
         """The JSON schema of the /infer body."""
         return InferenceRequest.model_json_schema()
-
-
-def build_get_routes() -> Starlette:
-    """GET /model_info, /request-params and /dicom-nodes (nnunet_serve's curl examples use GET),
-    and the upload and job routes of job_routes."""
-
-    async def model_info(request: Request) -> JSONResponse:
-        return JSONResponse(await request.app.state.service.describe_models())
-
-    async def request_params(request: Request) -> JSONResponse:
-        return JSONResponse(InferenceRequest.model_json_schema())
-
-    async def dicom_nodes(request: Request) -> JSONResponse:
-        return JSONResponse(node_kinds(request.app.state.service.dicom_nodes))
-
-    def job_route(name: str) -> Callable[[Request], Awaitable[Response]]:
-        async def handle(request: Request) -> Response:
-            return await getattr(request.app.state.jobs, name)(request)
-
-        return handle
-
-    app = Starlette(
-        routes=[
-            Route("/model_info", model_info, methods=["GET"]),
-            Route("/request-params", request_params, methods=["GET"]),
-            Route("/dicom-nodes", dicom_nodes, methods=["GET"]),
-            *(
-                Route(route.path, job_route(route.name), methods=route.methods)
-                for route in JOB_ROUTES
-            ),
-        ]
-    )
-    app.state.service = None
-    return app
