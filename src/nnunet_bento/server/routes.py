@@ -1,7 +1,8 @@
-"""The app mounted beside BentoML's APIs: the GET form of each API that takes no input, and the
-upload and job routes.
+"""The app mounted beside BentoML's APIs: the GET form of each API that takes no input, the
+upload and job routes, and the OpenAPI document that lists every route.
 
-Its handlers find this worker's SegmentationService with bentoml.get_current_service().
+Its handlers find this worker's SegmentationService with bentoml.get_current_service(). Each
+handler's docstring is its operation's description in the OpenAPI document.
 """
 
 from collections.abc import Awaitable, Callable
@@ -13,6 +14,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from .job_routes import JOB_ROUTES, JobRoutes
+from .openapi import openapi_document
 
 Handler = Callable[[Request], Awaitable[Response]]
 
@@ -26,6 +28,7 @@ def build_routes(service: bentoml.Service) -> Starlette:
                 Route(spec.path, job_handler(spec.name), methods=[spec.method], name=spec.name)
                 for spec in JOB_ROUTES
             ),
+            Route("/docs.json", openapi_json, methods=["GET"], name="openapi"),
         ]
     )
 
@@ -58,3 +61,10 @@ def job_handler(name: str) -> Handler:
 
     handle.__doc__ = getattr(JobRoutes, name).__doc__
     return handle
+
+
+async def openapi_json(request: Request) -> JSONResponse:
+    """This document: every route, the statuses each answers, and the error body."""
+    instance = bentoml.get_current_service()
+    token_required = instance.settings.nnunet_bento_api_token is not None
+    return JSONResponse(openapi_document(instance.bento_service, token_required))
