@@ -102,7 +102,7 @@ def test_bounding_box_on_an_oblique_grid(oblique_grid: sitk.Image) -> None:
     result = measure_labels(mask, oblique_grid, NAMES)
     for label, name in list(NAMES.items())[:3]:
         found = np.argwhere(mask == label)
-        z, y, x = (np.arange(lo, hi + 1) for lo, hi in zip(found.min(0), found.max(0)))
+        z, y, x = (np.arange(lo, hi + 1) for lo, hi in zip(found.min(0), found.max(0), strict=True))
         box = np.stack(np.meshgrid(z, y, x, indexing="ij"), axis=-1).reshape(-1, 3)
         points = physical_points(oblique_grid, box.astype(float))
         low, high = result[name].bbox_mm
