@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 from starlette.background import BackgroundTask
 from starlette.convertors import Convertor, register_url_convertor
 from starlette.datastructures import UploadFile
@@ -98,7 +98,10 @@ class StageProgress(BaseModel):
 
 
 class JobState(BaseModel):
-    """What GET and DELETE /jobs/{job_id} answer: a job's state, never a result or a path."""
+    """What GET and DELETE /jobs/{job_id} answer: a job's state, never a result or a path.
+    JobRecord.to_public gives it; a field that either lacks is an error, not a silent drop."""
+
+    model_config = ConfigDict(extra="forbid")
 
     job_id: str
     kind: JobKind
@@ -343,7 +346,7 @@ class JobRoutes:
             if upload is not None:
                 shutil.rmtree(upload.folder, ignore_errors=True)
             return error_response(503, self.host.admission.busy_message(), RETRY_HEADERS)
-        record = self.jobs.create(kind)
+        record = self.jobs.create(kind, upload.folder if upload is not None else None)
         task = asyncio.create_task(self.run_job(record.job_id, inference, upload))
         self.tasks.add(task)
         task.add_done_callback(self.job_ended)
