@@ -11,7 +11,7 @@ description is its handler's docstring.
 
 import inspect
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from http import HTTPStatus
 from typing import Any, Literal
 
@@ -83,15 +83,16 @@ REASONS = {
 
 @dataclass(frozen=True)
 class Answers:
-    """What one route answers besides the guard's statuses: its success status and body by
-    media type (None: BentoML's), the error statuses of its work, its request body (None:
-    BentoML's or none) and the routes that take the job_id it answers."""
+    """What one route answers besides the statuses that any route of its kind answers: the
+    error statuses of its work, its success status and body by media type (None: BentoML's),
+    its request body (None: BentoML's, or none) and the routes that take the job_id it
+    answers."""
 
     errors: tuple[int, ...] = ()
     success: int = 200
     content: Content | None = None
     body: Content | None = None
-    links: tuple[str, ...] = field(default=())
+    links: tuple[str, ...] = ()
 
 
 ANSWERS = {
