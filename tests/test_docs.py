@@ -145,7 +145,9 @@ def test_every_environment_variable_is_documented():
 @cache
 def code_routes() -> frozenset[tuple[str, str]]:
     """(method, path) of every route: the upload and job routes, the BentoML APIs (POST, and
-    GET for those without inputs), and BentoML's probes and the OpenAPI document."""
+    GET for those without inputs), the probes the guard leaves open, and the OpenAPI
+    document."""
+    from nnunet_bento.server.guard import OPEN_PATHS
     from nnunet_bento.server.job_routes import JOB_ROUTES
     from nnunet_bento.server.services import SegmentationServiceBase
 
@@ -160,7 +162,7 @@ def code_routes() -> frozenset[tuple[str, str]]:
             routes.add(("POST", route))
             if not attribute.input_spec.model_fields:  # served by GET too, as nnunet_serve's
                 routes.add(("GET", route))
-    return frozenset(routes | PROBE_ROUTES)
+    return frozenset(routes | PROBE_ROUTES | {("GET", path) for path in OPEN_PATHS})
 
 
 def documented_routes() -> set[tuple[str, str]]:
