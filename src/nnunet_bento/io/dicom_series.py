@@ -50,11 +50,12 @@ HEADER_BYTES = 256 << 20  # what the headers of a series' deflated files may inf
 TRAILER_BYTES = 1 << 20  # what a deflated file may hold after its pixel data
 PIXEL_ELEMENT_HEADER = 12  # bytes of the pixel data element's tag, VR and length
 BYTES_PER_VOXEL = 4  # pixel data bytes allowed per voxel of NNUNET_BENTO_MAX_VOXELS
-#: The (7FE0,0010) size attributes and their defaults (None: required).
+#: The attributes that size the pixel data (PS3.3 C.7.6.3, C.7.6.6), each with its value
+#: when absent (0: required).
 SIZE_ATTRIBUTES = {
-    "Rows": None,
-    "Columns": None,
-    "BitsAllocated": None,
+    "Rows": 0,
+    "Columns": 0,
+    "BitsAllocated": 0,
     "NumberOfFrames": 1,
     "SamplesPerPixel": 1,
 }
@@ -195,11 +196,10 @@ def _image(path: Path, header: DicomHeader, max_voxels: int | None) -> _Image:
 
 
 def _size_attribute(path: Path, ds: pydicom.Dataset, keyword: str) -> int:
-    """A positive integer attribute of the image pixel module (PS3.3 C.7.6.3)."""
-    default = SIZE_ATTRIBUTES[keyword]
+    """A positive integer that sizes the pixel data; a 400 when it is absent or malformed."""
     try:
         value = ds.get(keyword)
-        number = int(default if value in (None, "") and default is not None else value)
+        number = SIZE_ATTRIBUTES[keyword] if value in (None, "") else int(value)
     except DECODE_ERRORS:
         number = 0
     if number < 1:
