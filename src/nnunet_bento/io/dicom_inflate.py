@@ -67,6 +67,7 @@ class _InflatingReader:
             raise InflateLimitError(self._limit)
 
     def read(self, size: int = -1) -> bytes:
+        """Up to ``size`` bytes from the position (all that is left when negative)."""
         end = self._limit + 1 if size < 0 else self._position + size
         self._inflate_to(end)
         data = bytes(memoryview(self._data)[self._position : end])
@@ -74,6 +75,7 @@ class _InflatingReader:
         return data
 
     def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        """Move the position; bytes ahead are inflated when they are read."""
         if whence == io.SEEK_END:
             self._inflate_to(self._limit + 1)
         base = {io.SEEK_SET: 0, io.SEEK_CUR: self._position, io.SEEK_END: len(self._data)}
