@@ -9,8 +9,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
+from conftest import REPO
 
 from nnunet_bento.errors import ForbiddenPathError, RequestError
+from nnunet_bento.io.dicom_inflate import FileChangedError, read_header, read_whole
+from nnunet_bento.io.dicom_series import read_dicom_series
 from nnunet_bento.io.images import image_file_in, read_image
 from nnunet_bento.io.input_files import data_file_names
 
@@ -116,3 +119,25 @@ def test_a_gzip_stream_longer_than_its_header_says_is_refused(area, demo_study):
             extra.write(zeros)
     with pytest.raises(RequestError, match="inflates to more than its header's"):
         read(area, "bomb")
+
+
+def test_a_dicom_file_linked_out_of_the_study_is_403(tmp_path):
+    study = tmp_path / "study"
+    shutil.copytree(REPO / "examples" / "dicom" / "ct" / "CT", study / "CT")
+    outside = study / "CT" / "IM0005.dcm"
+    outside.rename(tmp_path / "IM0005.dcm")
+    outside.symlink_to(tmp_path / "IM0005.dcm")
+    with pytest.raises(ForbiddenPathError, match=r"^series_folders\[0\]: a file of the series"):
+        read_dicom_series(study / "CT", inside=study, field="series_folders[0]")
+
+
+def test_a_dicom_file_swapped_after_its_header_was_read_is_not_decoded(tmp_path):
+    source = REPO / "examples" / "dicom" / "ct" / "CT" / "IM0005.dcm"
+    path = tmp_path / "IM0005.dcm"
+    shutil.copy(source, path)
+    header = read_header(path, 4096, 1 << 20)
+    path.rename(tmp_path / "checked.dcm")
+    shutil.copy(source, path)
+    with pytest.raises(FileChangedError):
+        read_whole(path, 1 << 24, header.identity)
+    assert read_whole(path, 1 << 24, read_header(path, 4096, 1 << 20).identity).PixelData

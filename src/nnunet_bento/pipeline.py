@@ -110,7 +110,10 @@ class SegmentationPipeline:
         file read must lie in the study."""
         max_voxels = self.settings.nnunet_bento_max_voxels
         if stage.is_dicom:
-            sources = [read_dicom_series(folder, max_voxels) for folder in stage.series]
+            sources = [
+                read_dicom_series(folder, max_voxels, inside=study, field=field)
+                for folder, field in zip(stage.series, stage.series_fields, strict=True)
+            ]
             return StageInput(to_nnunet_input([s.image for s in sources]), sources[0])
         images = [
             read_image(image_file_in(folder), max_voxels=max_voxels, inside=study, field=field)

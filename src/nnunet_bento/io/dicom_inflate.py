@@ -13,6 +13,9 @@ Guarantees:
 - Otherwise the dataset is the one ``pydicom.dcmread`` gives: the same elements, preamble,
   file meta and ``filename``, the file's path.
 - Other transfer syntaxes are read by pydicom from the file, with ``defer_size``.
+- The file is opened without following a link at its end, and its identity (device, inode)
+  is answered with the header; reading the whole file later with that identity raises
+  ``FileChangedError`` when the path now names another file.
 """
 
 import io
@@ -26,6 +29,8 @@ from pydicom.filereader import read_dataset, read_partial, read_preamble
 from pydicom.tag import BaseTag, Tag
 from pydicom.uid import DeflatedExplicitVRLittleEndian
 
+from .input_files import FileIdentity, open_unlinked
+
 STEP = 1 << 20  # bytes inflated by one zlib call
 RAW_READ = 1 << 16  # compressed bytes read from the file at a time
 PIXEL_TAGS = frozenset(Tag(k) for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData"))
@@ -37,6 +42,10 @@ class InflateLimitError(ValueError):
     def __init__(self, limit: int) -> None:
         super().__init__(f"the deflated dataset inflates past {limit} bytes")
         self.limit = limit
+
+
+class FileChangedError(OSError):
+    """The path names another file than the one whose header was read."""
 
 
 class _InflatingReader:
@@ -105,6 +114,7 @@ class DicomHeader:
     dataset: FileDataset
     has_pixels: bool
     inflated: int
+    identity: FileIdentity
 
 
 def _past_file_meta(tag: BaseTag, vr: str | None, length: int) -> bool:
@@ -112,18 +122,28 @@ def _past_file_meta(tag: BaseTag, vr: str | None, length: int) -> bool:
 
 
 def _read(
-    path: Path, stop_when: _PixelWatch | None, defer_size: int | None, inflate_limit: int
-) -> tuple[FileDataset, int]:
-    """The dataset in ``path`` as ``dcmread`` reads it (no ``force``), and the bytes inflated."""
-    with path.open("rb") as raw:
+    path: Path,
+    stop_when: _PixelWatch | None,
+    defer_size: int | None,
+    inflate_limit: int,
+    expected: FileIdentity | None = None,
+) -> tuple[FileDataset, int, FileIdentity]:
+    """The dataset in ``path`` as ``dcmread`` reads it (no ``force``), the bytes inflated and
+    the identity of the file read (which must be ``expected`` when given)."""
+    raw, identity = open_unlinked(path)
+    with raw:
+        if expected is not None and identity != expected:
+            raise FileChangedError(f"{path.name} changed after its header was read")
         preamble = read_preamble(raw, force=False)
         meta = FileMetaDataset(read_dataset(raw, False, True, stop_when=_past_file_meta))
         if meta.get("TransferSyntaxUID") != DeflatedExplicitVRLittleEndian:
             raw.seek(0)
-            return read_partial(raw, stop_when, defer_size=defer_size, force=False), 0
+            dataset = read_partial(raw, stop_when, defer_size=defer_size, force=False)
+            dataset.filename = str(path)
+            return dataset, 0, identity
         stream = _InflatingReader(raw, inflate_limit)
         body = read_dataset(cast(BinaryIO, stream), False, True, stop_when=stop_when)
-    return FileDataset(str(path), body, preamble, meta, False, True), stream.inflated
+    return FileDataset(str(path), body, preamble, meta, False, True), stream.inflated, identity
 
 
 def read_header(path: Path, defer_size: int, inflate_limit: int) -> DicomHeader:
@@ -134,10 +154,11 @@ def read_header(path: Path, defer_size: int, inflate_limit: int) -> DicomHeader:
     and pydicom's or zlib's errors when it is malformed.
     """
     watch = _PixelWatch()
-    dataset, inflated = _read(path, watch, defer_size, inflate_limit)
-    return DicomHeader(dataset, watch.seen, inflated)
+    dataset, inflated, identity = _read(path, watch, defer_size, inflate_limit)
+    return DicomHeader(dataset, watch.seen, inflated, identity)
 
 
-def read_whole(path: Path, inflate_limit: int) -> FileDataset:
-    """Every element of ``path``, pixel data included; raises as ``read_header`` does."""
-    return _read(path, None, None, inflate_limit)[0]
+def read_whole(path: Path, inflate_limit: int, identity: FileIdentity) -> FileDataset:
+    """Every element of the file whose header was read, pixel data included; raises as
+    ``read_header`` does, and FileChangedError when ``path`` names another file now."""
+    return _read(path, None, None, inflate_limit, identity)[0]

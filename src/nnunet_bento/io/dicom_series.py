@@ -18,6 +18,9 @@ Guarantees, so that a DICOM bomb is refused instead of decoded:
   its pixel data and ``TRAILER_BYTES`` after them (400 past it).
 - A file that cannot be read or decoded is a 400 that names it relative to the series
   folder, never by its path on the server.
+- Every file of the series resolves (links followed) inside ``inside`` (the study), else
+  a 403 naming the request field; each file is opened without following a link, and the
+  file whose pixels are read must be the file whose header was read.
 - The datasets returned hold the headers only: the pixels are in the volume.
 """
 
@@ -36,10 +39,17 @@ from pydicom.dataelem import RawDataElement
 from pydicom.errors import BytesLengthException, InvalidDicomError
 from pydicom.pixels import pixel_array
 
-from ..errors import InputNotFoundError, RequestError, TooLargeError
-from .dicom_inflate import DicomHeader, InflateLimitError, read_header, read_whole
+from ..errors import ForbiddenPathError, InputNotFoundError, RequestError, TooLargeError
+from .dicom_inflate import (
+    DicomHeader,
+    FileChangedError,
+    InflateLimitError,
+    read_header,
+    read_whole,
+)
 from .dicom_source import DicomSource
 from .images import check_voxel_count
+from .input_files import FileIdentity, resolved_inside
 
 SLICE_GAP_TOLERANCE = 0.01  # relative to the expected slice spacing
 SHEAR_TOLERANCE = 0.1  # relative to the smallest pixel spacing
@@ -88,13 +98,22 @@ class _Image:
     voxels: int
     pixel_bytes: int
     inflate_limit: int
+    identity: FileIdentity
+    field: str
 
 
-def read_dicom_series(folder: Path, max_voxels: int | None = None) -> DicomSource:
+def read_dicom_series(
+    folder: Path,
+    max_voxels: int | None = None,
+    *,
+    inside: Path | None = None,
+    field: str = "series_folders",
+) -> DicomSource:
     """Read the one DICOM image series in ``folder`` as a volume sorted along the slice normal
-    (at most ``max_voxels`` voxels, checked from the headers before any pixel is decoded)."""
+    (at most ``max_voxels`` voxels, checked from the headers before any pixel is decoded).
+    Its files must lie in ``inside`` (default: the folder); a refusal names ``field``."""
     folder = Path(folder)
-    images = _image_headers(folder, max_voxels)
+    images = _image_headers(folder, max_voxels, inside or folder, field)
     _check_one_series(folder, [image.dataset for image in images])
     _check_size(
         f"DICOM series {folder}",
@@ -116,7 +135,7 @@ def read_dicom_series(folder: Path, max_voxels: int | None = None) -> DicomSourc
     return DicomSource(image, datasets, folder)
 
 
-def _image_headers(folder: Path, max_voxels: int | None) -> list[_Image]:
+def _image_headers(folder: Path, max_voxels: int | None, inside: Path, field: str) -> list[_Image]:
     """The header of every DICOM file in ``folder`` that holds pixel data, each within the
     bounds; other files are ignored."""
     if not folder.exists():
@@ -131,13 +150,14 @@ def _image_headers(folder: Path, max_voxels: int | None) -> list[_Image]:
     n_dicom = 0
     header_budget = HEADER_BYTES
     for path in files:
-        header = _read_header(path, header_budget)
+        resolved = resolved_inside(path, inside, field, "a file of the series")
+        header = _read_header(resolved, header_budget)
         if header is None:
             continue
         n_dicom += 1
         header_budget -= header.inflated
         if header.has_pixels:
-            images.append(_image(path, header, max_voxels))
+            images.append(_image(resolved, header, max_voxels, field))
     if not images:
         raise RequestError(
             f"no DICOM image in {folder}: looked at {len(files)} files, "
@@ -179,7 +199,7 @@ def _unreadable(path: Path, what: str, error: Exception) -> RequestError:
     return RequestError(f"{what} {path.name}: {detail}")
 
 
-def _image(path: Path, header: DicomHeader, max_voxels: int | None) -> _Image:
+def _image(path: Path, header: DicomHeader, max_voxels: int | None, field: str) -> _Image:
     """An image file's size from its header, refused past the bounds or with more than
     one grayscale frame."""
     size = {keyword: _size_attribute(path, header.dataset, keyword) for keyword in SIZE_ATTRIBUTES}
@@ -192,7 +212,7 @@ def _image(path: Path, header: DicomHeader, max_voxels: int | None) -> _Image:
             f"{size['SamplesPerPixel']} sample(s) per pixel; expected one grayscale frame per file"
         )
     limit = header.inflated + PIXEL_ELEMENT_HEADER + pixel_bytes + TRAILER_BYTES
-    return _Image(path, header.dataset, voxels, pixel_bytes, limit)
+    return _Image(path, header.dataset, voxels, pixel_bytes, limit, header.identity, field)
 
 
 def _size_attribute(path: Path, ds: pydicom.Dataset, keyword: str) -> int:
@@ -357,7 +377,11 @@ def _check_no_shear(
 def _pixels(image: _Image) -> np.ndarray:
     """The stored values of one single-frame grayscale slice, decoded within its bounds."""
     try:
-        array = pixel_array(read_whole(image.path, image.inflate_limit))
+        array = pixel_array(read_whole(image.path, image.inflate_limit, image.identity))
+    except FileChangedError:
+        raise ForbiddenPathError(
+            f"{image.field}: a file of the series changed while it was read"
+        ) from None
     except InflateLimitError as error:
         raise RequestError(
             f"DICOM file {image.path.name} inflates past the {error.limit} bytes that its header "

@@ -21,8 +21,11 @@ import tempfile
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
+from typing import BinaryIO
 
 from ..errors import ForbiddenPathError, RequestError
+
+FileIdentity = tuple[int, int]
 
 MAX_HEADER_BYTES = 1 << 20
 MAX_DATA_FILES = 100_000
@@ -90,6 +93,14 @@ def resolved_inside(path: Path, folder: Path, field: str, what: str) -> Path:
     if not resolved.is_relative_to(folder.resolve()):
         raise ForbiddenPathError(f"{field}: {what} leaves its folder")
     return resolved
+
+
+def open_unlinked(path: Path) -> tuple[BinaryIO, FileIdentity]:
+    """``path`` opened for reading without following a link at its end, and the identity
+    (device, inode) of the file that was opened."""
+    descriptor = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    info = os.fstat(descriptor)
+    return os.fdopen(descriptor, "rb"), (info.st_dev, info.st_ino)
 
 
 @contextmanager
