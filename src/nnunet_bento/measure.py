@@ -182,16 +182,15 @@ def _measure(
         volume_ml=voxels * voxel_ml,
         components=int(count),
         largest_component_ml=largest * voxel_ml,
-        centroid_mm=grid.TransformContinuousIndexToPhysicalPoint(_mean_index(inside, box)),
+        centroid_mm=grid.TransformContinuousIndexToPhysicalPoint(_mean_index(inside, box, voxels)),
         bbox_mm=_corner_bounds(grid, box),
         intensity=intensity,
         mean_probability=mean_probability,
     )
 
 
-def _mean_index(inside: np.ndarray, box: tuple[slice, ...]) -> tuple[float, ...]:
-    """The mean continuous index (x, y, z) of the voxels, from one projection per axis."""
-    total = np.count_nonzero(inside)
+def _mean_index(inside: np.ndarray, box: tuple[slice, ...], total: int) -> tuple[float, ...]:
+    """The mean continuous index (x, y, z) of the ``total`` voxels, one projection per axis."""
     means = []
     for axis, part in enumerate(box):
         others = tuple(other for other in range(inside.ndim) if other != axis)
