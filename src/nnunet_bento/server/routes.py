@@ -2,7 +2,8 @@
 upload and job routes, and the OpenAPI document that lists every route.
 
 Its handlers find this worker's SegmentationService with bentoml.get_current_service(). Each
-handler's docstring is its operation's description in the OpenAPI document.
+handler's docstring is its operation's description in the OpenAPI document. BentoML adds its
+own /docs.json route after the mounted apps, so ours answers (tests/test_openapi.py checks it).
 """
 
 from collections.abc import Awaitable, Callable
