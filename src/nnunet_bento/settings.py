@@ -37,6 +37,11 @@ class ServeSettings(BaseSettings):
     nnunet_bento_allowed_origins: str = Field(
         "", description="Web origins, joined by ',', allowed besides the server's own."
     )
+    nnunet_bento_allowed_hosts: str = Field(
+        "",
+        description="Host names, joined by ',', that a server without a token answers besides "
+        "loopback (localhost, 127.0.0.1, [::1]); the health probes answer any Host.",
+    )
     nnunet_bento_download_weights: bool = Field(
         False, description="Download a missing TotalSegmentator task's weights at start-up."
     )
@@ -80,6 +85,12 @@ class ServeSettings(BaseSettings):
     nnunet_bento_max_probability_mb: float = Field(
         2048, gt=0, description="Most memory for the probabilities a stage keeps (float32)."
     )
+    nnunet_bento_max_work_mb: int = Field(
+        32768,
+        ge=1,
+        description="Most the work folder may hold (uploads, their extraction, results, pulled "
+        "series); an upload that does not fit is a 507.",
+    )
     nnunet_bento_max_pipelines: int = Field(
         2, ge=1, description="Requests that run their pipeline at once in an API worker."
     )
@@ -99,4 +110,13 @@ def allowed_origins(settings: ServeSettings) -> list[str]:
         origin.strip()
         for origin in settings.nnunet_bento_allowed_origins.split(",")
         if origin.strip()
+    ]
+
+
+def allowed_hosts(settings: ServeSettings) -> list[str]:
+    """NNUNET_BENTO_ALLOWED_HOSTS as a list of lower-case host names."""
+    return [
+        host.strip().lower()
+        for host in settings.nnunet_bento_allowed_hosts.split(",")
+        if host.strip()
     ]
