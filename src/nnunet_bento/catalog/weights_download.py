@@ -99,9 +99,12 @@ def _reason(exc: BaseException) -> str:
 
 
 def _url(task: TotalsegTask, url_base: str | None) -> str:
-    """The package's URL for the task, or its file name under ``url_base``."""
+    """The package's URL for the task over HTTPS, or its file name under ``url_base`` (whose
+    scheme, http included, is the operator's choice)."""
     url = _package_url(task.task_id)
-    return f"{url_base.rstrip('/')}/{url.rsplit('/', 1)[1]}" if url_base else url
+    if url_base:
+        return f"{url_base.rstrip('/')}/{url.rsplit('/', 1)[1]}"
+    return "https://" + url.removeprefix("http://").removeprefix("https://")
 
 
 def _package_version() -> str:
@@ -286,6 +289,9 @@ class _LogStream(io.TextIOBase):
 def _fetch(task: TotalsegTask, url: str, path: Path, timeout_s: float, max_bytes: int) -> None:
     """Stream ``url`` into ``path``, logging progress every ``PROGRESS_INTERVAL_S``."""
     with httpx.stream("GET", url, follow_redirects=True, timeout=timeout_s) as response:
+        hops = [*response.history, response]
+        if url.startswith("https://") and any(hop.url.scheme != "https" for hop in hops):
+            raise _Refused("a redirect leaves HTTPS")
         if not response.is_success:
             raise _Refused(f"HTTP {response.status_code} {response.reason_phrase}")
         size = int(response.headers.get("Content-Length", 0)) or None
