@@ -48,6 +48,7 @@ def test_success_writes_nnunet_serve_s_names_and_posts_success(demo_study, tmp_p
         ".nnunet-bento-results.json",
         "prediction_v1.nii.gz",
         "probabilities_v1.nii.gz",
+        "statistics_v1.json",
         "volume_0000_v1.nii.gz",
     ]
     running, body = received

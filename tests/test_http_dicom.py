@@ -1,5 +1,6 @@
 """DICOM in, DICOM out through a real `bentoml serve`, checked by readers we did not write."""
 
+import json
 import shutil
 from pathlib import Path
 
@@ -12,6 +13,7 @@ import SimpleITK as sitk
 import yaml
 from conftest import REPO, bentoml_serve
 from dicom_checks import dciodvfy_errors, dcmqi_labels, dice, highdicom_labels, rtstruct_masks
+from sr_checks import dcmqi_report
 
 from nnunet_bento.io.dicom_series import read_dicom_series
 
@@ -294,3 +296,62 @@ def test_dicom_cascade_writes_a_seg_per_stage_referencing_its_own_series(served,
         for item in pydicom.dcmread(path).SegmentSequence
     }
     assert labels == {"prostate", "bladder", "lesion"}
+
+
+def test_statistics_and_the_sr_carry_the_same_numbers_as_the_written_mask(served, tmp_path):
+    """CT: statistics.json is stages[0].statistics; volumes are count × voxel volume of the
+    written mask, the mean HU equals the source's over the same voxels, and the SR read back
+    by dciodvfy, dcmqi and highdicom carries those volumes and references the SEG."""
+    response = infer_ct(served, tmp_path, save_dicom_sr=True)
+    (stage,) = response["stages"]
+    statistics = stage["statistics"]
+    (statistics_path,) = response["statistics_json"]
+    assert json.loads(Path(statistics_path).read_text()) == statistics
+    assert set(statistics) == set(ORGAN_LABELS)
+    mask_image = sitk.ReadImage(response["nifti_prediction"][0])
+    mask = sitk.GetArrayFromImage(mask_image)
+    hu = sitk.GetArrayFromImage(read_dicom_series(DICOM / "ct" / "CT").image).astype(float)
+    voxel_ml = float(np.prod(mask_image.GetSpacing())) / 1000
+    for name, label in ORGAN_LABELS.items():
+        inside = mask == label
+        assert statistics[name]["voxels"] == int(inside.sum())
+        assert statistics[name]["volume_ml"] == pytest.approx(inside.sum() * voxel_ml)
+        assert statistics[name]["intensity"]["unit"] == "HU"
+        assert statistics[name]["intensity"]["mean"] == pytest.approx(hu[inside].mean(), abs=0.01)
+    assert response["timings"]["measure"] > 0
+    (sr_path,), (seg_path,) = response["dicom_sr"], response["dicom_segmentation"]
+    assert Path(sr_path).name == "measurements.dcm"
+    assert_valid(sr_path)
+    report = dcmqi_report(Path(sr_path), tmp_path / "sr.json")
+    seg = pydicom.dcmread(seg_path)
+    volumes = {}
+    for group in report["Measurements"]:
+        assert group["segmentationSOPInstanceUID"] == seg.SOPInstanceUID
+        segment = seg.SegmentSequence[int(group["ReferencedSegment"]) - 1]
+        (volume,) = [i for i in group["measurementItems"] if i["units"]["CodeValue"] == "ml"]
+        volumes[segment.SegmentLabel] = float(volume["value"])
+    assert volumes == pytest.approx({n: statistics[n]["volume_ml"] for n in volumes}, abs=1e-3)
+    assert set(volumes) == set(ORGAN_LABELS)
+    sr = hd.sr.srread(sr_path)
+    groups = sr.content.get_volumetric_roi_measurement_groups()
+    assert len(groups) == len(ORGAN_LABELS)
+
+
+def test_each_stage_of_a_cascade_has_its_own_statistics(served, tmp_path):
+    response = infer(
+        served,
+        tmp_path,
+        nnunet_id=["organ", "lesion"],
+        study_path=str(DICOM),
+        series_folders=[["mr/T2"], ["mr/T2", "mr/ADC"]],
+        save_dicom_sr=True,
+    )
+    first, second = (stage["statistics"] for stage in response["stages"])
+    assert set(first) == set(ORGAN_LABELS) and set(second) == {"lesion"}
+    assert first["prostate"]["intensity"]["unit"] is None, "MR values have no unit"
+    for index, path in enumerate(response["statistics_json"]):
+        assert Path(path).parent.name == f"stage_{index}"
+        assert json.loads(Path(path).read_text()) == response["stages"][index]["statistics"]
+    assert [Path(p).parent.name for p in response["dicom_sr"]] == [
+        f"stage_{i}" for i, stage in enumerate(response["stages"]) if not stage["is_empty"]
+    ]

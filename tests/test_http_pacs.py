@@ -69,7 +69,7 @@ def test_dicom_nodes_lists_names_and_kinds_only(served, pacs):
     assert str(pacs.dicom_port) not in response.text
 
 
-def test_pull_infer_push_puts_seg_and_rt_struct_into_the_source_study(served, pacs, tmp_path):
+def test_pull_infer_push_puts_seg_rt_struct_and_sr_into_the_source_study(served, pacs, tmp_path):
     before = {item["ID"] for item in pacs.study_instances(STUDY_UID)}
     response = infer(
         served,
@@ -78,6 +78,7 @@ def test_pull_infer_push_puts_seg_and_rt_struct_into_the_source_study(served, pa
         series_folders=["T2 axial"],
         output_dir=str(tmp_path / "out"),
         save_rt_struct_output=True,
+        save_dicom_sr=True,
         push_to=["pacs-web", "pacs-dimse"],
     )
     assert response.status_code == 200, response.text
@@ -87,7 +88,7 @@ def test_pull_infer_push_puts_seg_and_rt_struct_into_the_source_study(served, pa
     assert {(r["node"], Path(r["file"]).name, r["status"]) for r in result["push"]} == {
         (node, name, "stored")
         for node in ("pacs-web", "pacs-dimse")
-        for name in ("prediction.dcm", "struct.dcm")
+        for name in ("prediction.dcm", "struct.dcm", "measurements.dcm")
     }
     assert result["request"]["dicom_source"]["node"] == "pacs-web", "the request is echoed"
     assert not list((Path("/tmp") / "nnunet-bento" / "pulls").glob("*")), "pulled series removed"
@@ -103,6 +104,14 @@ def test_pull_infer_push_puts_seg_and_rt_struct_into_the_source_study(served, pa
             assert dciodvfy_errors(path) == []
             dataset = pydicom.dcmread(path)
             assert dataset.StudyInstanceUID == STUDY_UID
+            if dataset.Modality == "SR":
+                evidence = {
+                    sop.ReferencedSOPInstanceUID
+                    for study in dataset.CurrentRequestedProcedureEvidenceSequence
+                    for series in study.ReferencedSeriesSequence
+                    for sop in series.ReferencedSOPSequence
+                }
+                assert pydicom.dcmread(seg).SOPInstanceUID in evidence, "the SR cites the SEG"
             if dataset.Modality == "SEG":
                 labels = highdicom_labels(path, source, {"prostate": 1, "bladder": 2})
                 nifti = sitk.ReadImage(result["nifti_prediction"][0])

@@ -188,10 +188,7 @@ def test_to_json_is_unrounded_json(oblique_grid: sitk.Image) -> None:
     obj = json.loads(json.dumps(measurement.to_json()))
     assert obj["volume_ml"] == measurement.volume_ml
     assert obj["centroid_mm"] == list(measurement.centroid_mm)
-    assert obj["bbox_mm"] == {
-        "min": list(measurement.bbox_mm[0]),
-        "max": list(measurement.bbox_mm[1]),
-    }
+    assert obj["bbox_mm"] == [list(measurement.bbox_mm[0]), list(measurement.bbox_mm[1])]
     assert obj["intensity"]["mean"] == measurement.intensity.mean
     assert obj["intensity"]["unit"] == "HU"
     assert set(obj["intensity"]) == {"mean", "std", "median", "min", "max", "unit"}

@@ -5,8 +5,10 @@ The plan names every file; they are written into an OutputStaging, which moves t
 place when the request ends. Each function answers the names it wrote, by output kind.
 """
 
+import json
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import SimpleITK as sitk
@@ -18,9 +20,11 @@ from .io.dicom_seg import (
     write_label_segmentation,
 )
 from .io.dicom_source import DicomSource
+from .io.dicom_sr import write_measurement_report
 from .io.images import NnunetInput, image_like, segmentation_dtype
 from .io.rtstruct import write_rtstruct
 from .io.staging import OutputStaging
+from .measure import LabelMeasurement
 from .plan import StagePlan
 from .preview import write_preview
 from .stage import StageInput, StageMasks
@@ -35,7 +39,11 @@ def segment_names(model: RegisteredModel) -> dict[int, str]:
 
 
 def export_dicom(
-    stage: StagePlan, source: DicomSource, masks: StageMasks, staging: OutputStaging
+    stage: StagePlan,
+    source: DicomSource,
+    masks: StageMasks,
+    measurements: dict[str, LabelMeasurement],
+    staging: OutputStaging,
 ) -> dict[str, str]:
     """Write the stage's DICOM files into staging; answers the final path of each written
     kind (an empty mask writes no SEG and no RT Struct)."""
@@ -59,6 +67,18 @@ def export_dicom(
         stage, source, masks, staging
     ):
         written["fractional_segmentation"] = stage.output("fractional_segmentation")
+    if (
+        "segmentation" in written
+        and stage.wants("dicom_sr")
+        and write_measurement_report(
+            measurements,
+            staging.path(stage.output("segmentation")),
+            source,
+            stage.identity,
+            staging.path(stage.output("dicom_sr")),
+        )
+    ):
+        written["dicom_sr"] = stage.output("dicom_sr")
     if stage.wants("struct") and write_rtstruct(
         segmentation,
         source,
@@ -112,8 +132,17 @@ def write_image(image: sitk.Image, path: Path) -> None:
     sitk.WriteImage(image, str(path), useCompression=True)
 
 
+def statistics_json(measurements: dict[str, LabelMeasurement]) -> dict[str, dict[str, Any]]:
+    """The measurements as statistics.json and stages[N].statistics hold them."""
+    return {name: measurement.to_json() for name, measurement in measurements.items()}
+
+
 def export_stage(
-    stage: StagePlan, stage_input: StageInput, masks: StageMasks, staging: OutputStaging
+    stage: StagePlan,
+    stage_input: StageInput,
+    masks: StageMasks,
+    measurements: dict[str, LabelMeasurement],
+    staging: OutputStaging,
 ) -> dict[str, list[str]]:
     """Write every file the plan names for this stage but the preview into ``staging``;
     answers the names written, by output kind."""
@@ -132,9 +161,17 @@ def export_stage(
             name = stage.output("input", channel)
             write_image(image_like(image.array[channel], image.reference), staging.path(name))
         written["input"] = list(stage.outputs["input"])
+    if stage.wants("statistics"):
+        name = stage.output("statistics")
+        staging.path(name).write_text(json.dumps(statistics_json(measurements), indent=2))
+        written["statistics"] = [name]
     if stage.is_dicom and stage_input.dicom_source is not None:
         dicom = export_dicom(
-            stage, stage_input.dicom_source, replace(masks, segmentation=segmentation), staging
+            stage,
+            stage_input.dicom_source,
+            replace(masks, segmentation=segmentation),
+            measurements,
+            staging,
         )
         written.update({kind: [name] for kind, name in dicom.items()})
     return written
@@ -159,14 +196,20 @@ def input_modality(stage: StagePlan, stage_input: StageInput) -> str | None:
 
 
 def export_preview(
-    stage: StagePlan, stage_input: StageInput, masks: StageMasks, staging: OutputStaging
+    stage: StagePlan,
+    stage_input: StageInput,
+    masks: StageMasks,
+    measurements: dict[str, LabelMeasurement],
+    staging: OutputStaging,
 ) -> dict[str, list[str]]:
-    """Draw the stage's preview PNG into ``staging``; answers its name."""
+    """Draw the stage's preview PNG into ``staging``, its legend from the measurements;
+    answers its name."""
     name = stage.output("preview")
     write_preview(
         first_channel_volume(stage_input.image),
         masks.segmentation,
         {label: segment_names(stage.model)[label] for label in masks.labels},
+        measurements={m.label: m for m in measurements.values()},
         model_id=stage.model.id,
         folds=stage.weights.folds,
         path=staging.path(name),

@@ -78,7 +78,8 @@ class LabelMeasurement:
     def to_json(self) -> dict[str, Any]:
         """The JSON object of this measurement, values as computed (not rounded).
 
-        ``bbox_mm`` is ``{"min": [x, y, z], "max": [x, y, z]}``; absent values are null.
+        ``bbox_mm`` is ``[[x0, y0, z0], [x1, y1, z1]]`` (minimum, maximum); absent values
+        are null.
         """
         return {
             "label": self.label,
@@ -87,9 +88,7 @@ class LabelMeasurement:
             "components": self.components,
             "largest_component_ml": self.largest_component_ml,
             "centroid_mm": None if self.centroid_mm is None else list(self.centroid_mm),
-            "bbox_mm": None
-            if self.bbox_mm is None
-            else {"min": list(self.bbox_mm[0]), "max": list(self.bbox_mm[1])},
+            "bbox_mm": None if self.bbox_mm is None else [list(corner) for corner in self.bbox_mm],
             "intensity": None if self.intensity is None else asdict(self.intensity),
             "mean_probability": self.mean_probability,
         }

@@ -14,11 +14,18 @@ from .cascade import predict_in_box, reference_mask
 from .catalog.registry import Registry
 from .dicom_exchange import pulled_study, push_outputs
 from .errors import NnunetBentoError, TooLargeError
-from .export import export_preview, export_stage
+from .export import (
+    export_preview,
+    export_stage,
+    input_modality,
+    segment_names,
+    statistics_json,
+)
 from .io.dicom_series import read_dicom_series
 from .io.images import NnunetInput, image_file_in, image_like, read_image, to_nnunet_input
 from .io.path_roots import PathRoots
 from .io.staging import OutputStaging
+from .measure import LabelMeasurement, intensity_unit, measure_labels
 from .pacs.nodes import DicomNode
 from .plan import API_LAYOUT, OutputLayout, RequestPlan, RequestPlanner, StagePlan
 from .postprocess import postprocess
@@ -178,6 +185,28 @@ class SegmentationPipeline:
         )
         return StageMasks(segmentation, probabilities if stage.wants("proba") else None, labels)
 
+    def measure(
+        self, stage: StagePlan, stage_input: StageInput, masks: StageMasks
+    ) -> dict[str, LabelMeasurement]:
+        """Each kept label of the stage's mask, measured on its grid with the first input
+        channel's values (HU for CT) and, when kept, its probabilities."""
+        image = stage_input.image
+        grid = image.reference
+        flat = grid.GetDimension() == 2
+        probabilities = masks.probabilities
+        names = segment_names(stage.model)
+        return measure_labels(
+            masks.segmentation[0] if flat else masks.segmentation,
+            grid,
+            {label: names[label] for label in masks.labels},
+            intensity=image.array[0][0] if flat else image.array[0],
+            unit=intensity_unit(input_modality(stage, stage_input)),
+            probabilities=probabilities[:, 0]
+            if flat and probabilities is not None
+            else probabilities,
+            probability_labels=masks.labels,
+        )
+
     def _check_probability_memory(self, stage: StagePlan, image: NnunetInput, labels: int) -> None:
         """413 when the kept labels' float32 probabilities would pass the configured bound."""
         needed_mb = image.array[0].size * labels * 4 / 2**20
@@ -211,12 +240,21 @@ class SegmentationPipeline:
                 with timings.step("postprocess", stage.index):
                     masks = self.postprocess(stage, plan.study, image, results[-1], stage_masks)
                 stage_masks.append(image_like(masks.segmentation, image.reference))
+                measurements = {}
+                if stage.needs_measurements:
+                    with timings.step("measure", stage.index):
+                        measurements = self.measure(stage, stage_input, masks)
                 with timings.step("export", stage.index), writing_into(staging):
-                    written = export_stage(stage, stage_input, masks, staging)
+                    written = export_stage(stage, stage_input, masks, measurements, staging)
                 if stage.wants("preview"):
                     with timings.step("preview", stage.index), writing_into(staging):
-                        written.update(export_preview(stage, stage_input, masks, staging))
-                records.append(stage_record(stage, written, staging, not masks.segmentation.any()))
+                        written.update(
+                            export_preview(stage, stage_input, masks, measurements, staging)
+                        )
+                record = stage_record(stage, written, staging, not masks.segmentation.any())
+                if stage.wants("statistics"):
+                    record.statistics = statistics_json(measurements)
+                records.append(record)
             timings.check()
         return results, records
 

@@ -129,6 +129,11 @@ class StagePlan:
     def wants(self, kind: str) -> bool:
         return kind in self.outputs
 
+    @property
+    def needs_measurements(self) -> bool:
+        """Whether a file or the response takes the measurements of the stage's mask."""
+        return any(self.wants(kind) for kind in ("statistics", "dicom_sr", "preview"))
+
     def output(self, kind: str, channel: int = 0) -> str:
         """The file name of an output kind the plan writes, relative to output_dir."""
         return self.outputs[kind][channel]
@@ -346,8 +351,9 @@ class RequestPlanner:
         self._check_labels(model, settings)
         if request.is_dicom:
             self._check_dicom_export(model, settings)
-        elif request.save_rt_struct_output:
-            raise RequestError("save_rt_struct_output needs is_dicom: RT Struct refers to DICOM")
+        elif request.save_rt_struct_output or request.save_dicom_sr:
+            field = "save_rt_struct_output" if request.save_rt_struct_output else "save_dicom_sr"
+            raise RequestError(f"{field} needs is_dicom: it writes DICOM that refers to DICOM")
         series = (
             ()
             if study is None

@@ -10,7 +10,7 @@ canvas without pyplot, so worker threads may call it.
 """
 
 import datetime
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +20,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 from scipy import ndimage
+
+from .measure import LabelMeasurement, measure_labels
 
 PALETTE: tuple[tuple[int, int, int], ...] = (
     (255, 30, 30),
@@ -53,7 +55,6 @@ _OPPOSITE = {"L": "R", "R": "L", "P": "A", "A": "P", "S": "I", "I": "S"}
 _PLANE = (
     dict.fromkeys("SI", "axial") | dict.fromkeys("PA", "coronal") | dict.fromkeys("LR", "sagittal")
 )
-_FULL_CONNECTIVITY = ndimage.generate_binary_structure(3, 3)
 
 
 @dataclass(frozen=True)
@@ -109,13 +110,20 @@ def write_preview(
     path: Path,
     modality: str | None = None,
     date: datetime.date | None = None,
+    measurements: Mapping[int, LabelMeasurement] | None = None,
 ) -> PreviewSummary:
-    """Draw the PNG of ``mask`` (z, y, x) over ``image``; only labels in ``label_names`` count."""
+    """Draw the PNG of ``mask`` (z, y, x) over ``image``; only labels in ``label_names`` count.
+
+    The legend's volumes and component counts are ``measurements`` (by label), measured by
+    ``measure.measure_labels`` on ``image``'s grid when not given."""
     volume = sitk.GetArrayViewFromImage(image)
     mask = _label_array(mask, volume.shape)
     spacing = image.GetSpacing()
     boxes = _label_boxes(mask, label_names)
-    labels = _summarise(mask, boxes, label_names, float(np.prod(spacing)) / 1000.0)
+    if measurements is None:
+        measured = measure_labels(mask, image, {label: label_names[label] for label in boxes})
+        measurements = {m.label: m for m in measured.values()}
+    labels = _summarise(boxes, label_names, measurements)
     window = window_bounds(volume, modality)
     title = _title(model_id, folds, date or datetime.date.today(), not labels)
     letters = axis_direction_letters(image.GetDirection())
@@ -185,20 +193,21 @@ def _label_boxes(mask: np.ndarray, label_names: dict[int, str]) -> dict[int, tup
 
 
 def _summarise(
-    mask: np.ndarray,
     boxes: dict[int, tuple[slice, ...]],
     label_names: dict[int, str],
-    voxel_ml: float,
+    measurements: Mapping[int, LabelMeasurement],
 ) -> list[LabelSummary]:
-    """Volume and 26-connected component count of each label, from its bounding box."""
-    summaries = []
-    for label, box in boxes.items():
-        inside = mask[box] == label
-        components = int(ndimage.label(inside, structure=_FULL_CONNECTIVITY)[1])
-        volume_ml = float(np.count_nonzero(inside)) * voxel_ml
-        name = label_names[label]
-        summaries.append(LabelSummary(label, name, volume_ml, components, label_colour(label)))
-    return summaries
+    """The legend entry of each label present: its volume and component count, measured."""
+    return [
+        LabelSummary(
+            label,
+            label_names[label],
+            measurements[label].volume_ml,
+            measurements[label].components,
+            label_colour(label),
+        )
+        for label in boxes
+    ]
 
 
 def _slice_indices(mask: np.ndarray, boxes: dict[int, tuple[slice, ...]]) -> tuple[int, ...]:

@@ -29,7 +29,7 @@ CascadeMode = Literal["intersect", "crop"]
 SegmentationType = Literal["binary", "labelmap"]
 
 #: The steps of one stage, in order: progress reports, job statuses and timings name them.
-STEPS = ("read", "predict", "postprocess", "export", "preview")
+STEPS = ("read", "predict", "postprocess", "measure", "export", "preview")
 #: Fields that name a path on the server's disk (checked against the path roots).
 PATH_FIELDS = (
     "study_path",
@@ -115,6 +115,24 @@ OUTPUT_KINDS = (
         "struct{suffix}.dcm",
         "The mask as RT Struct (save_rt_struct_output); none for an empty stage.",
         asked_by="save_rt_struct_output",
+        dicom=True,
+    ),
+    OutputKind(
+        "statistics",
+        "statistics_json",
+        "stage_{stage}/statistics{suffix}.json",
+        "statistics{suffix}.json",
+        "Per-label measurements of the stage's mask: exactly stages[N].statistics.",
+        asked_by="save_statistics",
+    ),
+    OutputKind(
+        "dicom_sr",
+        "dicom_sr",
+        "stage_{stage}/measurements{suffix}.dcm",
+        "measurements{suffix}.dcm",
+        "The measurements as a DICOM SR (TID 1500) referencing the SEG (save_dicom_sr); none "
+        "for an empty stage.",
+        asked_by="save_dicom_sr",
         dicom=True,
     ),
     OutputKind(
@@ -325,6 +343,17 @@ class RequestFields(BaseModel):
     )
     save_nifti_inputs: bool = Field(False, description="Export the input volumes as NIfTI.")
     save_rt_struct_output: bool = Field(False, description="Also export an RT Struct (DICOM).")
+    save_statistics: bool = Field(
+        True,
+        description="Measure each label of each stage's mask (volume, components, centroid, "
+        "bounding box, intensity, mean probability): stages[N].statistics and "
+        "stage_N/statistics.json.",
+    )
+    save_dicom_sr: bool = Field(
+        False,
+        description="Also write the measurements as a DICOM SR (TID 1500 Measurement Report) "
+        "that references the SEG's segments: stage_N/measurements.dcm (needs is_dicom).",
+    )
     save_preview: bool = Field(
         False,
         description="Draw stage_N/preview.png: three slices through the mask with each "
@@ -396,11 +425,17 @@ def _stage_output_field(kind: OutputKind) -> tuple[Any, Any]:
 
 
 class StageRecord(BaseModel):
-    """What one stage was: its index, model and whether its mask is empty."""
+    """What one stage was: its index, model, whether its mask is empty, and its measurements."""
 
     stage: int
     nnunet_id: str
     is_empty: bool
+    statistics: dict[str, dict[str, Any]] | None = Field(
+        None,
+        description="Per label name: label, voxels, volume_ml, components, "
+        "largest_component_ml, centroid_mm, bbox_mm, intensity and mean_probability "
+        "(save_statistics).",
+    )
 
 
 StageOutputs = create_model(

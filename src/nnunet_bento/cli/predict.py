@@ -125,6 +125,19 @@ def add_predict_arguments(parser: argparse.ArgumentParser) -> None:
         help="Draws preview.png in output_dir: three slices through the mask with each "
         "label's outline, volume and component count",
     )
+    add(
+        "--statistics",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="Write statistics.json: per label, volume (ml), components, centroid and "
+        "bounding box (LPS mm), intensity and mean probability. Default: on",
+    )
+    add(
+        "--dicom_sr",
+        action="store_true",
+        help="Also write measurements.dcm, a DICOM SR (TID 1500) of the measurements that "
+        "references the DICOM-SEG's segments (needs --is_dicom)",
+    )
     add("--job_id", help="Job ID that will be used to post job status/create log file")
     add("--update_url", help="URL to be used to post job status")
     add("--success_message", default="success", help="Message to be posted in case of success")
@@ -201,6 +214,8 @@ def request_from(args: argparse.Namespace, model_id: str) -> InferenceRequest:
         fractional_as_segments=args.fractional_as_segments,
         suffix=args.suffix,
         save_preview=args.preview,
+        save_statistics=args.statistics,
+        save_dicom_sr=args.dicom_sr,
         overwrite=True,
         push_to=args.push_to,
         **({"tmp_dir": args.tmp_dir} if args.tmp_dir else {}),

@@ -104,7 +104,8 @@ class OutputStaging:
         if not self.staging_dir.exists():
             self.guard(self._create_staging)
         relative = Path(relative)
-        self.relative_paths.append(relative)
+        if relative not in self.relative_paths:
+            self.relative_paths.append(relative)
         target = self.staging_dir / relative
         target.parent.mkdir(parents=True, exist_ok=True)
         return target
