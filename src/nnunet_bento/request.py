@@ -6,6 +6,7 @@ list with one value per model), and the CLI derives its flags' help from them to
 """
 
 import re
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal, get_args, get_origin
 
@@ -407,12 +408,18 @@ InferenceRequest = create_model(
 )
 
 
+def format_problems(problems: Iterable[Mapping[str, Any]]) -> str:
+    """'field: message; field: message' from pydantic's error records ({loc, msg, ...})."""
+    return "; ".join(
+        f"{'.'.join(str(part) for part in problem.get('loc', ())) or 'request'}: "
+        f"{problem.get('msg')}"
+        for problem in problems
+    )
+
+
 def format_validation_error(error: ValidationError) -> str:
     """'field: message; field: message' from a pydantic error."""
-    return "; ".join(
-        f"{'.'.join(str(part) for part in problem['loc']) or 'request'}: {problem['msg']}"
-        for problem in error.errors()
-    )
+    return format_problems(error.errors())
 
 
 def _stage_output_field(kind: OutputKind) -> tuple[Any, Any]:

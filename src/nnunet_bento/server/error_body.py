@@ -5,11 +5,9 @@ import json
 from http import HTTPStatus
 from typing import Any
 
-from pydantic import ValidationError
-from pydantic_core import PydanticCustomError
 from starlette.responses import JSONResponse
 
-from ..request import format_validation_error
+from ..request import format_problems
 
 Message = dict[str, Any]
 ERROR_MEDIA_TYPES = (b"application/json", b"text/plain")
@@ -23,21 +21,9 @@ def error_response(
 
 
 def validation_message(details: list[Any]) -> str:
-    """BentoML's serialized validation errors ({loc, msg, type} each) as format_validation_error
-    words them."""
-    problems = [detail for detail in details if isinstance(detail, dict)]
-    error = ValidationError.from_exception_data(
-        "request",
-        [
-            {
-                "type": PydanticCustomError(str(p.get("type", "value_error")), str(p.get("msg"))),
-                "loc": tuple(p.get("loc", ())),
-                "input": None,
-            }
-            for p in problems
-        ],
-    )
-    return format_validation_error(error)
+    """BentoML's serialized validation errors ({loc, msg, type} each) as the request model's
+    errors are worded."""
+    return format_problems(detail for detail in details if isinstance(detail, dict))
 
 
 def error_message(payload: Any, status_code: int) -> str:

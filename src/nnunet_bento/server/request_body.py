@@ -8,8 +8,7 @@ a fraction (1.0) is an integer, as JSON Schema says.
 import json
 from typing import Any
 
-from pydantic import ConfigDict, ValidationError, model_validator
-from pydantic_core import to_jsonable_python
+from pydantic import ConfigDict, TypeAdapter, ValidationError, model_validator
 
 from ..errors import RequestError
 from ..request import InferenceRequest, format_validation_error
@@ -24,6 +23,9 @@ def integral_as_int(value: Any) -> Any:
     if isinstance(value, dict):
         return {key: integral_as_int(item) for key, item in value.items()}
     return value
+
+
+JSON_VALUES = TypeAdapter(Any)
 
 
 class StrictInferenceRequest(InferenceRequest):
@@ -53,6 +55,6 @@ def parse_request(body: Any) -> InferenceRequest:
     if not isinstance(body, dict):
         raise RequestError("the request must be a JSON object: the /infer body")
     try:
-        return StrictInferenceRequest.model_validate(to_jsonable_python(body))
+        return StrictInferenceRequest.model_validate(JSON_VALUES.dump_python(body, mode="json"))
     except ValidationError as error:
         raise RequestError(format_validation_error(error)) from None
