@@ -31,15 +31,6 @@ SegmentationType = Literal["binary", "labelmap"]
 
 #: The steps of one stage, in order: progress reports, job statuses and timings name them.
 STEPS = ("read", "predict", "postprocess", "measure", "export", "preview")
-#: Fields that name a path on the server's disk (checked against the path roots).
-PATH_FIELDS = (
-    "study_path",
-    "output_dir",
-    "tmp_dir",
-    "series_folders",
-    "intersect_with",
-    "crop_from",
-)
 #: Fields that the server sets itself for an uploaded study: an upload may not give them.
 SERVER_SET_FIELDS = ("study_path", "output_dir", "dicom_source", "overwrite")
 #: The reference fields of a stage, and the cascade_mode that supplies each from the stage before.
