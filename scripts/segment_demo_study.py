@@ -63,10 +63,16 @@ def main() -> None:
         output_dir=str(output / "dicom-cascade"),
         cascade_mode="crop",
         save_rt_struct_output=True,
+        save_dicom_sr=True,
         save_preview=True,
         overwrite=True,
     )
-    written = cascade["dicom_segmentation"] + cascade["dicom_struct"] + cascade["preview"]
+    written = [
+        *cascade["dicom_segmentation"],
+        *cascade["dicom_struct"],
+        *cascade["dicom_sr"],
+        *cascade["preview"],
+    ]
     print(f"DICOM organ -> lesion cascade: {', '.join(written)}")
 
 
