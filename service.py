@@ -17,7 +17,7 @@ from nnunet_bento.server.services import (
     load_registry_or_exit,
     segmentation_config,
 )
-from nnunet_bento.settings import load_settings
+from nnunet_bento.settings import allowed_hosts, load_settings
 
 SETTINGS = load_settings()
 REGISTRY = load_registry_or_exit(SETTINGS)
@@ -43,4 +43,6 @@ SegmentationService = bentoml.service(**segmentation_config(SETTINGS))(
 )
 SegmentationService.mount_asgi_app(build_routes(SegmentationService), path="/")
 SegmentationService.add_asgi_middleware(ErrorBodyMiddleware)
-SegmentationService.add_asgi_middleware(RequestGuard, **guard_options(SETTINGS))
+SegmentationService.add_asgi_middleware(
+    RequestGuard, **guard_options(SETTINGS), allowed_hosts=allowed_hosts(SETTINGS)
+)

@@ -1,5 +1,7 @@
-"""RequestGuard: origin, CORS, bearer token and Content-Type checks around a tiny Starlette app."""
+"""RequestGuard: Host, origin, CORS, bearer token and Content-Type checks around a tiny Starlette
+app; the route templates that label requests in /metrics."""
 
+import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -8,10 +10,18 @@ import pytest
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse
-from starlette.routing import Route
+from starlette.routing import Mount, Route
 from starlette.testclient import TestClient
+from starlette.types import Message
 
-from nnunet_bento.server.guard import TOKEN_ERROR, RequestGuard, bearer_token_matches
+from nnunet_bento.server.guard import (
+    TOKEN_ERROR,
+    UNKNOWN_ROUTE,
+    RequestGuard,
+    bearer_token_matches,
+    host_name,
+    route_template,
+)
 
 TOKEN = "s3cret-Token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -43,17 +53,28 @@ APP = Starlette(
         Route("/infer", infer, methods=["POST"]),
         Route("/infer_file", infer, methods=["POST"]),
         Route("/readyz", readyz),
+        Mount("/jobs", routes=[Route("/{job_id:str}", model_info, methods=["GET", "DELETE"])]),
     ],
     lifespan=lifespan,
 )
+FOREIGN_HOST = {"Host": "rebind.example"}
 
 
-def client(token: str | None = TOKEN, allowed_origins: tuple[str, ...] = ()) -> TestClient:
-    """A test client for APP behind the guard (base URL http://testserver)."""
+def client(
+    token: str | None = TOKEN,
+    allowed_origins: tuple[str, ...] = (),
+    allowed_hosts: tuple[str, ...] = (),
+    base_url: str = "http://testserver",
+) -> TestClient:
+    """A test client for APP behind the guard."""
     guard = RequestGuard(
-        APP, token=token, allowed_origins=allowed_origins, multipart_paths=("/infer_file",)
+        APP,
+        token=token,
+        allowed_origins=allowed_origins,
+        allowed_hosts=allowed_hosts,
+        multipart_paths=("/infer_file",),
     )
-    return TestClient(guard)
+    return TestClient(guard, base_url=base_url)
 
 
 def error_of(response: httpx.Response) -> str:
@@ -124,7 +145,7 @@ def test_open_paths_need_no_token() -> None:
 
 
 def test_no_token_configured_means_no_check() -> None:
-    response = client(token=None).get("/model_info")
+    response = client(token=None, base_url="http://localhost").get("/model_info")
     assert response.status_code == 200
     assert response.json() == {"name": "organ"}
 
@@ -272,3 +293,108 @@ def test_lifespan_passes_through() -> None:
         response = test_client.get("/readyz")
     assert response.status_code == 200
     assert lifespan_events == ["startup"]
+
+
+@pytest.mark.parametrize(
+    ("host", "name"),
+    [
+        ("localhost:1234", "localhost"),
+        ("LocalHost.", "localhost"),
+        ("127.0.0.1:8080", "127.0.0.1"),
+        ("[::1]:3000", "[::1]"),
+        ("[::1", "[::1"),
+        ("seg.example", "seg.example"),
+        ("seg.example:x", "seg.example:x"),
+    ],
+)
+def test_host_name_drops_the_port_and_the_final_dot(host: str, name: str) -> None:
+    assert host_name(host) == name
+
+
+@pytest.mark.parametrize(
+    "host", ["rebind.example", "rebind.example:12345", "localhost.rebind.example", "127.0.0.2"]
+)
+def test_a_foreign_host_without_a_token_is_421(host: str) -> None:
+    response = client(token=None).get("/model_info", headers={"Host": host})
+    assert response.status_code == 421
+    error = error_of(response)
+    assert error.startswith(f"Host {host_name(host)} is not served")
+    assert "add the name to NNUNET_BENTO_ALLOWED_HOSTS, or set NNUNET_BENTO_API_TOKEN" in error
+
+
+@pytest.mark.parametrize(
+    "host", ["localhost", "localhost:1234", "127.0.0.1:80", "[::1]:8080", "LOCALHOST"]
+)
+def test_a_loopback_host_on_any_port_is_served_without_a_token(host: str) -> None:
+    response = client(token=None).get("/model_info", headers={"Host": host})
+    assert response.status_code == 200
+    assert response.json() == {"name": "organ"}
+
+
+def test_an_allowed_host_is_served_without_a_token() -> None:
+    allowed = client(token=None, allowed_hosts=("Seg.Example", "other.example:3000"))
+    for host in ("seg.example", "seg.example:3000", "other.example"):
+        assert allowed.get("/model_info", headers={"Host": host}).status_code == 200, host
+    assert allowed.get("/model_info", headers=FOREIGN_HOST).status_code == 421
+
+
+def test_the_probes_answer_any_host_without_a_token() -> None:
+    response = client(token=None).get("/readyz", headers=FOREIGN_HOST)
+    assert response.status_code == 200
+    assert response.text == "ready"
+
+
+def test_with_a_token_any_host_is_served() -> None:
+    response = client().get("/model_info", headers={**AUTH, **FOREIGN_HOST})
+    assert response.status_code == 200
+    assert response.json() == {"name": "organ"}
+    assert client().get("/model_info", headers=FOREIGN_HOST).status_code == 401
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "headers"),
+    [
+        ("POST", "/infer", {"Content-Type": "text/plain"}),
+        ("DELETE", "/infer", {}),
+        ("GET", "/model_info", {"Origin": "http://evil.example"}),
+        ("OPTIONS", "/infer", {"Origin": VIEWER, "Access-Control-Request-Method": "POST"}),
+    ],
+    ids=["before-415", "before-405", "before-403", "before-preflight"],
+)
+def test_the_host_is_checked_first(method: str, path: str, headers: dict[str, str]) -> None:
+    guarded = client(token=None, allowed_origins=(VIEWER,))
+    response = guarded.request(method, path, content=b"x", headers={**headers, **FOREIGN_HOST})
+    assert response.status_code == 421
+    assert "NNUNET_BENTO_ALLOWED_HOSTS" in error_of(response)
+    assert cors_headers(response) == {}
+
+
+def test_a_request_without_a_host_header_is_421_without_a_token() -> None:
+    messages: list[Message] = []
+
+    async def receive() -> Message:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: Message) -> None:
+        messages.append(message)
+
+    scope = {"type": "http", "method": "GET", "path": "/model_info", "headers": [], "app": APP}
+    asyncio.run(RequestGuard(APP, token=None)(scope, receive, send))
+    assert messages[0]["status"] == 421
+    assert b"a request without a Host header is not served" in messages[1]["body"]
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "template"),
+    [
+        ("GET", "/model_info", "/model_info"),
+        ("PATCH", "/model_info", "/model_info"),
+        ("GET", "/jobs/Zm9vYmFyYmF6cXV4MTIz", "/jobs/{job_id}"),
+        ("DELETE", "/jobs/1.2.840.10008.5.1.4", "/jobs/{job_id}"),
+        ("GET", "/studies/1.2.840.10008/series/T2.nii.gz", UNKNOWN_ROUTE),
+        ("GET", "/", UNKNOWN_ROUTE),
+    ],
+)
+def test_a_request_is_labelled_by_its_route_template(method: str, path: str, template: str) -> None:
+    scope = {"type": "http", "method": method, "path": path, "root_path": ""}
+    assert route_template(APP.routes, scope) == template

@@ -109,11 +109,12 @@ def test_the_document_lists_every_route_and_method_that_the_app_serves(document,
 
 
 @pytest.mark.slow
-def test_every_operation_documents_401_when_a_token_is_set(document):
+def test_every_operation_documents_401_and_no_421_when_a_token_is_set(document):
     assert document["components"]["securitySchemes"]["bearer"]["scheme"] == "bearer"
     for (path, method), operation in operations(document).items():
         guarded = path not in OPEN_PATHS
         assert ("401" in operation["responses"]) is guarded, (path, method)
+        assert "421" not in operation["responses"], (path, method)
         assert operation["security"] == ([{"bearer": []}] if guarded else []), (path, method)
 
 
@@ -168,6 +169,13 @@ def test_undeclared_methods_are_405_with_allow_and_bad_bodies_415(served):
 
 
 @pytest.mark.slow
+def test_with_a_token_any_host_is_served(served):
+    foreign = {**AUTH, "Host": "rebind.example"}
+    response = httpx.get(f"{served.url}/model_info", headers=foreign)
+    assert response.status_code == 200 and "organ" in response.json()
+
+
+@pytest.mark.slow
 def test_get_and_post_of_model_info_answer_alike(served):
     def get() -> dict:
         return httpx.get(f"{served.url}/model_info", headers=AUTH).json()
@@ -189,7 +197,7 @@ def test_the_guard_answers_405_before_it_checks_the_content_type():
         routes=[Route("/livez", answer), Route("/infer", answer, methods=["POST"])],
         middleware=[Middleware(RequestGuard, token=None)],
     )
-    client = TestClient(app)
+    client = TestClient(app, base_url="http://localhost")
     text = {"Content-Type": "text/plain"}
     put = client.put("/livez", content=b"x", headers=text)
     assert put.status_code == 405 and put.headers["allow"] == "GET, HEAD"

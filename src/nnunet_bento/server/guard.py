@@ -1,5 +1,5 @@
-"""ASGI middleware that guards the HTTP door: Origin, CORS, bearer token, method and
-Content-Type, checked in this order.
+"""ASGI middleware that guards the HTTP door: Host (without a token), Origin, CORS, bearer
+token, method and Content-Type, checked in this order.
 
 It decides from the request headers and the application's routes alone, never reads the
 request body and never echoes the token. Its refusals are JSON in the nnunet_serve-compatible
@@ -7,7 +7,7 @@ shape: {"status": "failed", "error": ...}.
 """
 
 import hmac
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 
 from starlette.datastructures import Headers, MutableHeaders
 from starlette.responses import Response
@@ -25,8 +25,14 @@ PREFLIGHT_HEADERS = {
     "Access-Control-Max-Age": "600",
 }
 TOKEN_ERROR = "missing or invalid bearer token (Authorization: Bearer <token>)"
+#: The health probes: they answer any Host (Kubernetes probes send the pod's IP).
+PROBE_PATHS = ("/readyz", "/livez", "/healthz")
 #: The health probes and metrics: they answer without a token.
-OPEN_PATHS = ("/readyz", "/livez", "/healthz", "/metrics")
+OPEN_PATHS = (*PROBE_PATHS, "/metrics")
+#: The Host names that a server without a token answers whatever its settings.
+LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "[::1]")
+#: The route label of a path that no route serves.
+UNKNOWN_ROUTE = "unknown"
 
 
 def bearer_token_matches(header: str | None, token: str) -> bool:
@@ -44,22 +50,48 @@ def _media_type(content_type: str | None) -> str:
     return (content_type or "").split(";", 1)[0].strip().lower()
 
 
-def allowed_methods(routes: Iterable[BaseRoute], scope: Scope) -> set[str] | None:
-    """The methods that the routes serve at the scope's path: empty when no route has the path,
-    None when a route or mounted application there may take any method."""
-    methods: set[str] = set()
+def host_name(host: str) -> str:
+    """The name of a Host header value: lower-case, without its port and a final dot."""
+    host = host.strip().lower()
+    if host.startswith("["):
+        address, bracket, _ = host.partition("]")
+        return address + bracket
+    name, _, port = host.rpartition(":")
+    return (name if name and port.isdigit() else host).rstrip(".")
+
+
+def matching_routes(
+    routes: Iterable[BaseRoute], scope: Scope, prefix: str = ""
+) -> Iterator[tuple[str, BaseRoute, Match]]:
+    """The routes whose path matches the scope's, looked for inside mounted apps, each with
+    its path template (as "/jobs/{job_id}") and whether its method matches too (Match.FULL).
+    A mounted app without routes is one route."""
     for route in routes:
         match, child_scope = route.matches(scope)
         if match is Match.NONE:
             continue
         if isinstance(route, Mount) and route.routes:
-            inner = allowed_methods(route.routes, {**scope, **child_scope})
+            yield from matching_routes(route.routes, {**scope, **child_scope}, prefix + route.path)
         else:
-            inner = route.methods if isinstance(route, Route) else None
-        if inner is None:
+            yield prefix + getattr(route, "path_format", getattr(route, "path", "")), route, match
+
+
+def allowed_methods(routes: Iterable[BaseRoute], scope: Scope) -> set[str] | None:
+    """The methods that the routes serve at the scope's path: empty when no route has the path,
+    None when a route or mounted application there may take any method."""
+    methods: set[str] = set()
+    for _, route, _ in matching_routes(routes, scope):
+        if not isinstance(route, Route) or route.methods is None:
             return None
-        methods |= inner
+        methods |= route.methods
     return methods
+
+
+def route_template(routes: Iterable[BaseRoute], scope: Scope) -> str:
+    """The path template of the route that serves the scope (the one whose method matches
+    first), or UNKNOWN_ROUTE: a label that holds no id, UID or file name of the request."""
+    matches = sorted(matching_routes(routes, scope), key=lambda found: found[2] is not Match.FULL)
+    return matches[0][0] if matches else UNKNOWN_ROUTE
 
 
 def _method_refusal(scope: Scope) -> Response | None:
@@ -87,8 +119,8 @@ def _with_cors(send: Send, origin: str) -> Send:
 
 
 class RequestGuard:
-    """Refuses foreign origins, missing bearer tokens, undeclared methods and unexpected
-    Content-Types; adds CORS."""
+    """Refuses foreign Hosts (without a token), foreign origins, missing bearer tokens,
+    undeclared methods and unexpected Content-Types; adds CORS."""
 
     def __init__(
         self,
@@ -96,6 +128,7 @@ class RequestGuard:
         *,
         token: str | None,
         allowed_origins: Sequence[str] = (),
+        allowed_hosts: Sequence[str] = (),
         open_paths: Sequence[str] = OPEN_PATHS,
         multipart_paths: Sequence[str] = (),
     ) -> None:
@@ -104,6 +137,7 @@ class RequestGuard:
         self.app = app
         self.token = token
         self.allowed_origins = frozenset(origin.rstrip("/") for origin in allowed_origins)
+        self.allowed_hosts = frozenset(map(host_name, (*LOOPBACK_HOSTS, *allowed_hosts)))
         self.open_paths = frozenset(open_paths)
         self.multipart_paths = frozenset(multipart_paths)
 
@@ -112,6 +146,10 @@ class RequestGuard:
             await self.app(scope, receive, send)
             return
         headers = Headers(scope=scope)
+        refusal = self._host_refusal(scope, headers)
+        if refusal is not None:
+            await refusal(scope, receive, send)
+            return
         origin = headers.get("origin")
         if origin is not None and not self._origin_accepted(scope, headers, origin):
             error = f"origin {origin} is not allowed; set NNUNET_BENTO_ALLOWED_ORIGINS to allow it"
@@ -128,6 +166,22 @@ class RequestGuard:
             or self._content_type_refusal(scope, headers)
         )
         await (refusal or self.app)(scope, receive, send)
+
+    def _host_refusal(self, scope: Scope, headers: Headers) -> Response | None:
+        """A 421 when no token is configured and the Host is neither loopback nor allowed
+        (a web page that rebinds its own name to this address), except on the probes."""
+        if self.token is not None or scope["path"] in PROBE_PATHS:
+            return None
+        host = headers.get("host")
+        if host is not None and host_name(host) in self.allowed_hosts:
+            return None
+        what = f"Host {host_name(host)}" if host else "a request without a Host header"
+        return error_response(
+            421,
+            f"{what} is not served by a server without NNUNET_BENTO_API_TOKEN, which answers "
+            "only localhost, 127.0.0.1, [::1] and the names in NNUNET_BENTO_ALLOWED_HOSTS; "
+            "add the name to NNUNET_BENTO_ALLOWED_HOSTS, or set NNUNET_BENTO_API_TOKEN",
+        )
 
     def _origin_accepted(self, scope: Scope, headers: Headers, origin: str) -> bool:
         """True for the server's own origin (scheme + Host) or a configured allowed origin."""

@@ -5,8 +5,8 @@ keeps their request bodies and success bodies, and adds the routes of the mounte
 forms of the APIs, the upload and job routes, this document). Every operation then lists each
 status that it can answer, with our error body: those of its own work, declared once per route
 name in ANSWERS, and those that any route of a kind can answer (403 for a foreign Origin, 500
-for an unexpected error; 401 when a token is set; 400 and 415 for a body). An operation's
-description is its handler's docstring.
+for an unexpected error; 401 when a token is set, 421 for a foreign Host when none is, the
+probes aside; 400 and 415 for a body). An operation's description is its handler's docstring.
 """
 
 import inspect
@@ -21,7 +21,7 @@ from starlette.routing import Route
 
 from .. import __version__
 from ..request import InferenceRequest, InferenceResponse
-from .guard import OPEN_PATHS
+from .guard import OPEN_PATHS, PROBE_PATHS
 from .job_routes import JobCreated, JobState, UploadForm
 
 OPENAPI_VERSION = "3.1.0"
@@ -31,7 +31,9 @@ DESCRIPTION = (
     "nnU-Net v2 segmentation models served by BentoML. Every error answers "
     '{"status": "failed", "error": message}. A method that a path does not list answers 405 '
     "with an Allow header. When the server has a token (NNUNET_BENTO_API_TOKEN), every route "
-    "but the health probes and the metrics needs `Authorization: Bearer <token>`."
+    "but the health probes and the metrics needs `Authorization: Bearer <token>`; without a "
+    "token, every route but the health probes answers only a loopback Host (localhost, "
+    "127.0.0.1, [::1]) or one in NNUNET_BENTO_ALLOWED_HOSTS, and any other Host a 421."
 )
 AUTHENTICATE = {"WWW-Authenticate": {"schema": {"type": "string", "enum": ["Bearer"]}}}
 
@@ -73,6 +75,8 @@ REASONS = {
     "state for this.",
     413: "An input, an upload or a result is past a configured bound.",
     415: "The body is not application/json (or multipart/form-data where an upload is taken).",
+    421: "The server has no token and the Host is neither loopback nor in "
+    "NNUNET_BENTO_ALLOWED_HOSTS.",
     500: "An unexpected error; the server log has the details.",
     502: "A DICOM node failed or could not be reached.",
     503: "The server is busy or the model runner is unavailable; retry later.",
@@ -210,6 +214,7 @@ def complete(found: Found, path: str, method: str, token_required: bool) -> dict
     """One operation with its parameters, request body, responses and security."""
     answers = ANSWERS[found.name]
     guarded = token_required and path not in OPEN_PATHS
+    host_checked = not token_required and path not in PROBE_PATHS
     kept = ("tags", "x-bentoml-name", "parameters")
     operation: dict[str, Any] = {
         **{key: found.base[key] for key in kept if key in found.base},
@@ -217,7 +222,7 @@ def complete(found: Found, path: str, method: str, token_required: bool) -> dict
         "description": found.base.get("description", ""),
         "responses": {
             **success_response(answers, found),
-            **error_responses(answers, method, guarded),
+            **error_responses(answers, method, guarded, host_checked),
         },
     }
     if method == "post":
@@ -247,11 +252,15 @@ def success_response(answers: Answers, found: Found) -> dict[str, Any]:
     return {str(answers.success): response}
 
 
-def error_responses(answers: Answers, method: str, guarded: bool) -> dict[str, Any]:
+def error_responses(
+    answers: Answers, method: str, guarded: bool, host_checked: bool
+) -> dict[str, Any]:
     """Each error status the operation can answer, with our error body."""
     statuses = {*answers.errors, 403, 500}
     if guarded:
         statuses.add(401)
+    if host_checked:
+        statuses.add(421)
     if method == "post":
         statuses |= {400, 415}
     return {
