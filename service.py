@@ -4,7 +4,7 @@ import bentoml
 
 from nnunet_bento.server.error_body import ErrorBodyMiddleware
 from nnunet_bento.server.guard import RequestGuard
-from nnunet_bento.server.routes import build_routes
+from nnunet_bento.server.routes import METRICS_CONFIG, RouteMetrics, build_routes
 from nnunet_bento.server.runner_service import (
     ModelRunnerBase,
     bento_model_attributes,
@@ -30,7 +30,7 @@ ModelRunner = bentoml.service(**runner_config(SETTINGS))(
         {"registry": REGISTRY, **bento_model_attributes(REGISTRY)},
     )
 )
-SegmentationService = bentoml.service(**segmentation_config(SETTINGS))(
+SegmentationService = bentoml.service(**segmentation_config(SETTINGS), metrics=METRICS_CONFIG)(
     type(
         "SegmentationService",
         (SegmentationServiceBase,),
@@ -42,6 +42,7 @@ SegmentationService = bentoml.service(**segmentation_config(SETTINGS))(
     )
 )
 SegmentationService.mount_asgi_app(build_routes(SegmentationService), path="/")
+SegmentationService.add_asgi_middleware(RouteMetrics)
 SegmentationService.add_asgi_middleware(ErrorBodyMiddleware)
 SegmentationService.add_asgi_middleware(
     RequestGuard, **guard_options(SETTINGS), allowed_hosts=allowed_hosts(SETTINGS)

@@ -1,23 +1,38 @@
 """The app mounted beside BentoML's APIs: the GET form of each API that takes no input, the
-upload and job routes, and the OpenAPI document that lists every route.
+upload and job routes, the OpenAPI document that lists every route, and the metrics.
 
 Its handlers find this worker's SegmentationService with bentoml.get_current_service(). Each
 handler's docstring is its operation's description in the OpenAPI document. BentoML adds its
 own /docs.json route after the mounted apps, so ours answers (tests/test_openapi.py checks it).
+
+BentoML's HTTP instrument labels each request with its raw path: every job id polled and every
+path a caller makes up would be a series of its own in /metrics. So SegmentationService runs
+with BentoML's metrics off (METRICS_CONFIG), and RouteMetrics runs BentoML's instrument with the
+route template as the path it sees, beside our /metrics, which answers what BentoML's does.
 """
 
 from collections.abc import Awaitable, Callable
+from typing import Any
 
+import anyio
 import bentoml
+from bentoml._internal.configuration.containers import BentoMLContainer
+from bentoml._internal.server.http.instruments import RunnerTrafficMetricsMiddleware
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
+from starlette.types import ASGIApp, Receive, Scope, Send
 
+from .guard import route_template
 from .job_routes import JOB_ROUTES, JobRoutes
 from .openapi import openapi_document
 
 Handler = Callable[[Request], Awaitable[Response]]
+#: SegmentationService's `metrics` config: BentoML's instrument and /metrics off, for ours.
+METRICS_CONFIG: dict[str, Any] = {"enabled": False}
+#: The scope key that keeps a request's own path while the instrument sees its template.
+REQUEST_PATH = "nnunet_bento.request_path"
 
 
 def build_routes(service: bentoml.Service) -> Starlette:
@@ -30,6 +45,7 @@ def build_routes(service: bentoml.Service) -> Starlette:
                 for spec in JOB_ROUTES
             ),
             Route("/docs.json", openapi_json, methods=["GET"], name="openapi"),
+            Route("/metrics", metrics, methods=["GET"], name="metrics"),
         ]
     )
 
@@ -69,3 +85,37 @@ async def openapi_json(request: Request) -> JSONResponse:
     instance = bentoml.get_current_service()
     token_required = instance.settings.nnunet_bento_api_token is not None
     return JSONResponse(openapi_document(instance.bento_service, token_required))
+
+
+async def metrics(request: Request) -> Response:
+    """The Prometheus metrics of every process of the server; each request's `endpoint` label
+    is its route template (`/jobs/{job_id}`), or `unknown` for a path that no route serves."""
+    client = BentoMLContainer.metrics_client.get()
+    body = await anyio.to_thread.run_sync(client.generate_latest)
+    return Response(body, media_type=client.CONTENT_TYPE_LATEST)
+
+
+class RouteMetrics:
+    """BentoML's HTTP instrument (requests, durations and requests in progress by endpoint
+    and status), shown the route template of each request as its path; the app behind it
+    gets the request's own path back."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+        self.instrument = RunnerTrafficMetricsMiddleware(
+            self.with_request_path,
+            namespace=BentoMLContainer.api_server_config.metrics.namespace.get(),
+        )
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        template = route_template(getattr(scope.get("app"), "routes", ()), scope)
+        await self.instrument(
+            {**scope, "path": template, REQUEST_PATH: scope["path"]}, receive, send
+        )
+
+    async def with_request_path(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """The app behind the instrument, called with the request's own path."""
+        await self.app({**scope, "path": scope[REQUEST_PATH]}, receive, send)
