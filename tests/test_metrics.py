@@ -1,5 +1,5 @@
-"""A served instance without a token: the Host check (DNS rebinding) and /metrics labelled by
-route templates."""
+"""A served instance without a token: the Host check (DNS rebinding), /metrics labelled by route
+templates, and DELETE of finished jobs with their result files."""
 
 import secrets
 import shutil
@@ -11,6 +11,7 @@ import pytest
 from conftest import REPO, bentoml_serve
 from prometheus_client.parser import text_string_to_metric_families
 
+from nnunet_bento.client import Client, pack_study
 from nnunet_bento.server.guard import PROBE_PATHS, UNKNOWN_ROUTE
 
 pytestmark = pytest.mark.slow
@@ -36,6 +37,12 @@ def served(imported_models, area):
     }
     with bentoml_serve(REPO / "model-serve-spec.yaml", area / "serve.log", env=env) as server:
         yield server
+
+
+@pytest.fixture(scope="module")
+def client(served) -> Client:
+    with Client(served.url, backoff_s=0.5) as remote:
+        yield remote
 
 
 def wait_for(served, job_id: str, statuses: tuple[str, ...]) -> dict:
@@ -104,3 +111,38 @@ def test_metrics_label_requests_by_route_template(served, area):
     assert {"/jobs/{job_id}", "/jobs/{job_id}/result", UNKNOWN_ROUTE} <= endpoints
     routes = httpx.get(f"{served.url}/docs.json").json()["paths"]
     assert len(endpoints) <= len(routes) + 1, sorted(endpoints)
+
+
+def test_delete_removes_a_finished_job_and_its_result_files(served, area, client):
+    job_id = failed_job(served, area)
+    assert httpx.delete(f"{served.url}/jobs/{job_id}").status_code == 204
+    assert httpx.get(f"{served.url}/jobs/{job_id}").status_code == 404
+    assert httpx.delete(f"{served.url}/jobs/{job_id}").status_code == 404
+    archive = pack_study(area / "in" / "study", area / "study.zip", ["T2"])
+    fields = {"nnunet_id": "organ2d", "series_folders": ["T2"], "tta": False}
+    job_id = client.submit_upload(archive, fields)
+    assert wait_for(served, job_id, ("done", "failed"))["status"] == "done"
+    (folder,) = (area / "work" / "uploads").iterdir()
+    assert (folder / "result.zip").is_file()
+    assert client.cancel(job_id) is None
+    assert not folder.exists()
+    assert httpx.get(f"{served.url}/jobs/{job_id}").status_code == 404
+    assert httpx.get(f"{served.url}/jobs/{job_id}/result").status_code == 404
+
+
+def test_delete_cancels_a_running_job_and_then_removes_it(served, area, client):
+    body = {
+        "nnunet_id": ["organ"] * 4,
+        "study_path": str(area / "in" / "study"),
+        "series_folders": [["T2"]] * 4,
+        "output_dir": str(area / "out" / "cancelled"),
+        "use_folds": [0, 1],
+        "tta": False,
+    }
+    job_id = httpx.post(f"{served.url}/jobs", json=body).json()["job_id"]
+    wait_for(served, job_id, ("running",))
+    cancelled = client.cancel(job_id)
+    assert cancelled is not None and cancelled["status"] == "cancelled"
+    assert client.status(job_id)["status"] == "cancelled"
+    assert httpx.delete(f"{served.url}/jobs/{job_id}").status_code == 204
+    assert httpx.get(f"{served.url}/jobs/{job_id}").status_code == 404

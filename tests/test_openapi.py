@@ -147,6 +147,8 @@ def test_upload_and_job_routes_document_their_parts_parameters_and_answers(docum
     for path, method in (("/jobs/{job_id}", "GET"), ("/jobs/{job_id}", "DELETE")):
         assert found[path, method]["parameters"][0]["name"] == "job_id"
         assert {"200", "404"} <= set(found[path, method]["responses"])
+    deleted = found["/jobs/{job_id}", "DELETE"]["responses"]
+    assert "content" not in deleted["204"] and "409" not in deleted
     result = found["/jobs/{job_id}/result", "GET"]["responses"]["200"]["content"]
     assert set(result) == {"application/json", "application/zip"}
 

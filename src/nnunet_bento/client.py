@@ -116,8 +116,11 @@ class Client:
     def status(self, job_id: str) -> dict[str, Any]:
         return self._call("GET", f"/jobs/{job_id}").json()
 
-    def cancel(self, job_id: str) -> dict[str, Any]:
-        return self._call("DELETE", f"/jobs/{job_id}").json()
+    def cancel(self, job_id: str) -> dict[str, Any] | None:
+        """DELETE /jobs/{job_id}: a queued or running job is cancelled, and its state answered;
+        a done, failed or cancelled job is deleted with its result files (None)."""
+        response = self._call("DELETE", f"/jobs/{job_id}")
+        return None if response.status_code == 204 else response.json()
 
     def wait(self, job_id: str, n_stages: int, poll_s: float) -> dict[str, Any]:
         """Poll the job until it ends, with a progress bar of stage and step on a terminal."""

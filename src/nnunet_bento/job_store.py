@@ -191,6 +191,16 @@ class JobStore:
         self._update(job_id, _ACTIVE, status="cancelled", finished=self._clock())
         return self.get(job_id)
 
+    def delete(self, job_id: str) -> JobRecord | None:
+        """Delete a done, failed or cancelled job's record; the record deleted, None when the
+        job is unknown or still queued or running."""
+        marks = ", ".join("?" for _ in _ACTIVE)
+        records = self._records(
+            f"DELETE FROM jobs WHERE job_id = ? AND status NOT IN ({marks}) RETURNING {_COLUMNS}",
+            (job_id, *_ACTIVE),
+        )
+        return records[0] if records else None
+
     def is_cancelled(self, job_id: str) -> bool:
         """Whether the worker should stop: the job was cancelled, or its record is gone."""
         record = self.get(job_id)

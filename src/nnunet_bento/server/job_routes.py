@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+import anyio
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.background import BackgroundTask
 from starlette.convertors import Convertor, register_url_convertor
@@ -427,20 +428,36 @@ class JobRoutes:
         return JSONResponse(record.result_json)
 
     async def cancel(self, request: Request) -> Response:
-        """Cancel a queued or running job; nothing of it is written. Its state stays readable."""
-        self.expire()
-        record = self.jobs.cancel(request.path_params["job_id"])
+        """Cancel a queued or running job: it stops at its next step, nothing of it is written,
+        and its state, which it answers, stays readable. Delete a done, failed or cancelled job:
+        its record and result files are removed (204)."""
+        job_id = request.path_params["job_id"]
+        await anyio.to_thread.run_sync(self.expire)
+        if await anyio.to_thread.run_sync(self.delete, job_id):
+            return Response(status_code=204)
+        record = await anyio.to_thread.run_sync(self.jobs.cancel, job_id)
         if record is None:
             return unknown_job(request)
-        if record.status != "cancelled":
-            return error_response(409, f"job {record.job_id} is already {record.status}")
         return job_state(record)
+
+    def delete(self, job_id: str) -> bool:
+        """Forget a done, failed or cancelled job and remove its result files (in a worker
+        thread); whether it was."""
+        record = self.jobs.delete(job_id)
+        if record is not None:
+            remove_result(record)
+        return record is not None
 
     def expire(self) -> None:
         """Forget jobs past NNUNET_BENTO_JOB_TTL_S and remove their result files."""
         for record in self.jobs.expire():
-            if record.result_file:
-                shutil.rmtree(Path(record.result_file).parent, ignore_errors=True)
+            remove_result(record)
+
+
+def remove_result(record: JobRecord) -> None:
+    """Remove the result files of a forgotten job: the folder of an upload job's zip."""
+    if record.result_file:
+        shutil.rmtree(Path(record.result_file).parent, ignore_errors=True)
 
 
 def job_state(record: JobRecord) -> JSONResponse:

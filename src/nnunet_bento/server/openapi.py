@@ -89,14 +89,15 @@ REASONS = {
 class Answers:
     """What one route answers besides the statuses that any route of its kind answers: the
     error statuses of its work, its success status and body by media type (None: BentoML's),
-    its request body (None: BentoML's, or none) and the routes that take the job_id it
-    answers."""
+    its request body (None: BentoML's, or none), the routes that take the job_id it answers,
+    and the success statuses it answers without a body."""
 
     errors: tuple[int, ...] = ()
     success: int = 200
     content: Content | None = None
     body: Content | None = None
     links: tuple[str, ...] = ()
+    empty: tuple[int, ...] = ()
 
 
 ANSWERS = {
@@ -121,7 +122,7 @@ ANSWERS = {
         (413, 503), 202, json_content(JobCreated), UPLOAD, ("status", "result", "cancel")
     ),
     "status": Answers((404,), content=json_content(JobState)),
-    "cancel": Answers((404, 409), content=json_content(JobState)),
+    "cancel": Answers((404,), content=json_content(JobState), empty=(204,)),
     "result": Answers(RUN_ERRORS, content={**json_content(InferenceResponse), **ZIP}),
 }
 
@@ -234,8 +235,8 @@ def complete(found: Found, path: str, method: str, token_required: bool) -> dict
 
 
 def success_response(answers: Answers, found: Found) -> dict[str, Any]:
-    """The success answer: its body by media type, and links to the routes that take its
-    job_id."""
+    """The success answers: the one with a body, by media type, and links to the routes that
+    take its job_id; and those without a body."""
     known = {str(status): answer for status, answer in found.base.get("responses", {}).items()}
     content = answers.content or known.get("200", {}).get("content")
     response: dict[str, Any] = {"description": HTTPStatus(answers.success).phrase}
@@ -249,7 +250,8 @@ def success_response(answers: Answers, found: Found) -> dict[str, Any]:
             }
             for name in answers.links
         }
-    return {str(answers.success): response}
+    empty = {str(status): {"description": HTTPStatus(status).phrase} for status in answers.empty}
+    return {str(answers.success): response, **empty}
 
 
 def error_responses(
