@@ -17,7 +17,10 @@ class ServerBusyError(DeviceUnavailableError):
 
 class Admission:
     """At most ``running`` requests run their pipeline at once and ``queued`` more wait for a
-    slot; a request past that is refused at once rather than piling up in memory."""
+    slot; a request past that is refused at once rather than piling up in memory.
+
+    A request counts from the moment it is admitted: an upload is admitted before its body is
+    read, so that uploads in flight count against the bound too."""
 
     def __init__(self, running: int, queued: int) -> None:
         self.slots = anyio.Semaphore(running)
@@ -33,16 +36,49 @@ class Admission:
             "(NNUNET_BENTO_MAX_PIPELINES + NNUNET_BENTO_MAX_QUEUE); retry later"
         )
 
-    @asynccontextmanager
-    async def slot(self) -> AsyncIterator[None]:
+    def admit(self) -> "Place":
+        """Take a place among the running and queued requests now; ServerBusyError when every
+        place is taken."""
         if self.full():
             raise ServerBusyError(self.busy_message())
         self.admitted += 1
+        return Place(self)
+
+    @asynccontextmanager
+    async def slot(self) -> AsyncIterator[None]:
+        """Admit a request and hold a pipeline slot while it runs."""
+        async with self.admit().slot():
+            yield
+
+
+class Place:
+    """An admitted request's place: held until ``release``, or the end of ``slot``."""
+
+    def __init__(self, admission: Admission) -> None:
+        self.admission = admission
+        self.held = True
+
+    def release(self) -> None:
+        """Give the place back (once; later calls do nothing)."""
+        if self.held:
+            self.held = False
+            self.admission.admitted -= 1
+
+    def hand_over(self) -> "Place":
+        """The place for a new owner (a job's task, say); this object no longer holds it."""
+        if not self.held:
+            raise RuntimeError("a place that is not held cannot be handed over")
+        self.held = False
+        return Place(self.admission)
+
+    @asynccontextmanager
+    async def slot(self) -> AsyncIterator[None]:
+        """Wait for a pipeline slot and hold it; the place is given back at the end."""
         try:
-            async with self.slots:
+            async with self.admission.slots:
                 yield
         finally:
-            self.admitted -= 1
+            self.release()
 
 
 def deadline_check(timeout_s: float) -> Callable[[], None]:
