@@ -4,10 +4,11 @@
 target (not absolute, no drive letter, no backslash, no '..'), an entry must be a regular file
 or a folder (no links, devices or FIFOs), and the entry count and the declared sizes must fit
 the limits; a zip's entry count and directory size are read from its end record before
-zipfile parses the directory. It then streams each file and counts the bytes it really
-writes, so an archive whose headers understate its sizes is still stopped at the limit. A
-failure removes what it wrote. Refusals name the entry as the archive gives it, never a
-server path.
+zipfile parses the directory. The declared sizes must also fit the room that the caller has
+left (``Room``: the work folder's bound). It then streams each file and counts the bytes it
+really writes, against the limit and the room, so an archive whose headers understate its
+sizes is still stopped. A failure removes what it wrote. Refusals name the entry as the
+archive gives it, never a server path.
 
 The archive kind is read from its first bytes, not its name: zip, gzip-compressed tar or
 plain POSIX/GNU tar. Zip entries must be stored or deflated (bzip2 and LZMA decompress without
@@ -94,6 +95,29 @@ class _Checked:
     parts: tuple[str, ...]
 
 
+class Room(Protocol):
+    """Where extraction writes, when it is bounded: each refusal raises an error of its own."""
+
+    def require(self, size: int, what: str) -> None:
+        """Refuse ``what`` of ``size`` bytes that does not fit."""
+
+    def charge(self, size: int) -> None:
+        """Count ``size`` bytes about to be written; refuse them past the bound."""
+
+
+class _Unbounded:
+    """No room bound beyond the archive limits."""
+
+    def require(self, size: int, what: str) -> None:
+        """Everything fits."""
+
+    def charge(self, size: int) -> None:
+        """Nothing is counted."""
+
+
+UNBOUNDED: Room = _Unbounded()
+
+
 class _Reader(Protocol):
     """One archive format: its entries, type-checked, and a stream of each file's bytes."""
 
@@ -102,15 +126,20 @@ class _Reader(Protocol):
     def open(self, member: _Member) -> IO[bytes]: ...
 
 
-def extract_study(archive: Path, target: Path, limits: ArchiveLimits) -> Path:
-    """Check every entry of ``archive``, extract it into ``target``; returns the study root."""
+def extract_study(
+    archive: Path, target: Path, limits: ArchiveLimits, room: Room = UNBOUNDED
+) -> Path:
+    """Check every entry of ``archive``, extract it into ``target`` within ``room``; returns
+    the study root."""
     _check_upload_size(archive, limits)
     _require_empty(target)
     created = not target.exists()
     try:
         with _open_archive(archive, limits) as reader:
             entries = _check_all(reader.members(), limits)
-            _write_all(reader, entries, target, limits)
+            declared = sum(entry.member.size for entry in entries)
+            room.require(declared, "the archive's unpacked size")
+            _write_all(reader, entries, target, limits, room)
     except BaseException:
         _remove_written(target, created)
         raise
@@ -410,7 +439,7 @@ def _check_layout(entries: list[_Checked]) -> None:
 
 
 def _write_all(
-    reader: _Reader, entries: list[_Checked], target: Path, limits: ArchiveLimits
+    reader: _Reader, entries: list[_Checked], target: Path, limits: ArchiveLimits, room: Room
 ) -> None:
     """Create the folders and stream the files into ``target``, counting the bytes written."""
     target.mkdir(parents=True, exist_ok=True)
@@ -423,7 +452,7 @@ def _write_all(
                 continue
             path.parent.mkdir(parents=True, exist_ok=True)
             with reader.open(entry.member) as stream:
-                written = _write_file(stream, path, entry.member, written, limits)
+                written = _write_file(stream, path, entry.member, written, limits, room)
     except OSError as exc:
         if exc.errno == errno.ENOSPC:
             raise InsufficientStorageError("no space left to unpack the archive") from None
@@ -431,15 +460,22 @@ def _write_all(
 
 
 def _write_file(
-    stream: IO[bytes], path: Path, member: _Member, written: int, limits: ArchiveLimits
+    stream: IO[bytes],
+    path: Path,
+    member: _Member,
+    written: int,
+    limits: ArchiveLimits,
+    room: Room,
 ) -> int:
-    """Copy one entry's bytes, stopping at the unpacked limit; returns the new total written."""
+    """Copy one entry's bytes, stopping at the unpacked limit or the room's bound; returns the
+    new total written."""
     size = 0
     with path.open("xb") as out:
         while chunk := stream.read(CHUNK_BYTES):
             size += len(chunk)
             if written + size > limits.max_unpacked_bytes:
                 raise TooLargeError(_unpacked_message(limits))
+            room.charge(len(chunk))
             out.write(chunk)
     if size != member.size:
         raise RequestError(

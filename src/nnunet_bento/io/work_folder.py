@@ -9,16 +9,19 @@ locks and job records, private to the server's user.
 - Each server holds a shared claim on the folder while it lives. A server that starts while
   no other holds one knows that what is left was left by stopped servers: it sweeps the
   uploads and pulled series that no job holds.
+- NNUNET_BENTO_MAX_WORK_MB bounds what it holds (``WorkBudget``): an upload that does not fit
+  is refused (HTTP 507) before, and while, it writes.
 """
 
 import fcntl
 import os
 import shutil
 import stat
+import threading
 from collections.abc import Iterable
 from pathlib import Path
 
-from ..errors import WorkFolderError
+from ..errors import InsufficientStorageError, WorkFolderError
 
 SUBFOLDERS = ("uploads", "pulls", "staging", "locks")
 PRIVATE = 0o700
@@ -80,3 +83,93 @@ def sweep_work_folder(path: Path, held: Iterable[Path]) -> list[Path]:
                 shutil.rmtree(entry, ignore_errors=True)
                 removed.append(entry)
     return removed
+
+
+def folder_bytes(path: Path) -> int:
+    """The size of the regular files under ``path``, links not followed; files removed while
+    it walks count as absent."""
+    total = 0
+    folders = [path]
+    while folders:
+        try:
+            with os.scandir(folders.pop()) as entries:
+                for entry in entries:
+                    try:
+                        if entry.is_dir(follow_symlinks=False):
+                            folders.append(Path(entry.path))
+                        elif entry.is_file(follow_symlinks=False):
+                            total += entry.stat(follow_symlinks=False).st_size
+                    except FileNotFoundError:
+                        continue
+        except FileNotFoundError:
+            continue
+    return total
+
+
+class WorkBudget:
+    """NNUNET_BENTO_MAX_WORK_MB over the work folder, for the uploads of this process.
+
+    An upload measures the folder once, by a walk (``measure``, in a worker thread), and is
+    then charged for each byte that it writes. A walk sees what every writer left, in any
+    process; a running total could not, and would drift from the disk. Bytes that other
+    uploads of this process write after the walk are charged to it too (one shared counter),
+    so concurrent uploads cannot pass the bound together; files removed after the walk are
+    not credited until the next one.
+    """
+
+    def __init__(self, path: Path, limit_mb: int) -> None:
+        self.path = path
+        self.limit_mb = limit_mb
+        self._written = 0
+        self._lock = threading.Lock()
+
+    def measure(self) -> "WorkRoom":
+        """The room left for one upload now: walks the folder, so call it in a worker thread."""
+        start = self.written()
+        used = folder_bytes(self.path)
+        return WorkRoom(self, (self.limit_mb << 20) - used, start)
+
+    def written(self) -> int:
+        """The bytes that uploads of this process have written so far."""
+        with self._lock:
+            return self._written
+
+    def add(self, size: int) -> int:
+        """Count ``size`` bytes written by an upload (less, when negative); the new total."""
+        with self._lock:
+            self._written += size
+            return self._written
+
+
+class WorkRoom:
+    """What one upload may still write to the work folder (``WorkBudget.measure``); its
+    refusals are InsufficientStorageError (HTTP 507) naming NNUNET_BENTO_MAX_WORK_MB."""
+
+    def __init__(self, budget: WorkBudget, free: int, start: int) -> None:
+        self.budget = budget
+        self.free = free
+        self.start = start
+
+    def left(self) -> int:
+        """The bytes left now: the room at the walk, less what uploads wrote since."""
+        return self.free - (self.budget.written() - self.start)
+
+    def require(self, size: int, what: str) -> None:
+        """Refuse ``what`` (e.g. "the archive's unpacked size") of ``size`` bytes when it does
+        not fit in what is left."""
+        left = self.left()
+        if size > left:
+            raise InsufficientStorageError(
+                f"{what} ({size} bytes) does not fit in the work folder: {max(left, 0)} bytes "
+                f"are left of NNUNET_BENTO_MAX_WORK_MB ({self.budget.limit_mb} MB)"
+            )
+
+    def charge(self, size: int) -> None:
+        """Count ``size`` bytes about to be written; refuse them once the folder would pass
+        its bound."""
+        if self.budget.add(size) - self.start > self.free:
+            self.budget.add(-size)
+            raise InsufficientStorageError(
+                "the upload does not fit in the work folder: it would hold more than "
+                f"NNUNET_BENTO_MAX_WORK_MB ({self.budget.limit_mb} MB)"
+            )
