@@ -163,7 +163,7 @@ class JobStore:
         self._update(job_id, ("running",), stage=stage, n_stages=n_stages, step=step)
 
     def finish(
-        self, job_id: str, result_json: dict[str, Any], result_file: str | None = None
+        self, job_id: str, result_json: dict[str, Any] | None, result_file: str | None = None
     ) -> bool:
         """running -> done with its result; False, and nothing stored, when it was cancelled."""
         return self._update(

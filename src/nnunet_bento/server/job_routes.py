@@ -9,43 +9,64 @@
 
 They live on the mounted Starlette app, not as BentoML APIs: BentoML's file parameters
 download any URL given instead of a file, which would let a caller make the server fetch
-from anywhere. Here the archive must be an uploaded file, streamed to disk under its size
-limit. Uploads go to our work folder and are removed once the answer is sent or the job
-expires.
+from anywhere. Here the archive must be an uploaded file. Uploads go to our work folder and
+are removed once the answer is sent or the job expires.
+
+A request is admitted (503 when the queue is full) before its body is read. Every byte of a
+body is counted as it streams in, chunked or not: a multipart body is parsed as it arrives
+(``UploadBody``), its archive written straight into the work folder within
+NNUNET_BENTO_MAX_UPLOAD_MB (413) and NNUNET_BENTO_MAX_WORK_MB (507); a JSON body is bounded by
+MAX_JSON_BODY_BYTES (413). A refusal is answered at once; the server reads and discards the
+rest of the body, so that the client gets the answer. Extraction, packing, removals and the
+job store run in worker threads: the event loop only awaits them.
 """
 
 import asyncio
+import errno
 import json
 import logging
 import shutil
 import uuid
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import aclosing
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, BinaryIO, Protocol
 
 import anyio
 from pydantic import BaseModel, ConfigDict, Field
+from python_multipart.exceptions import FormParserError
+from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.background import BackgroundTask
 from starlette.convertors import Convertor, register_url_convertor
-from starlette.datastructures import UploadFile
-from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import FileResponse, JSONResponse, Response
 
-from ..errors import NnunetBentoError, RequestError, TooLargeError
+from ..errors import InsufficientStorageError, NnunetBentoError, RequestError, TooLargeError
 from ..io.archive import ArchiveLimits, extract_study, pack_outputs
+from ..io.work_folder import WorkBudget, WorkRoom
 from ..job_store import JobKind, JobRecord, JobStatus, JobStore
 from ..pipeline import StepCallback
 from ..request import SERVER_SET_FIELDS, InferenceRequest, InferenceResponse
 from ..settings import ServeSettings
-from .admission import RETRY_AFTER_S, Admission
+from .admission import RETRY_AFTER_S, Admission, Place, ServerBusyError
 from .error_body import error_response
 from .request_body import parse_json, parse_request
+
+if TYPE_CHECKING:
+    from python_multipart.multipart import MultipartCallbacks
 
 logger = logging.getLogger("nnunet_bento")
 UPLOAD_PATHS = ("/infer_file", "/jobs/upload")
 CHUNK = 1 << 20
+#: The bound on a JSON body (POST /jobs) and on an upload's 'request' part.
+MAX_JSON_BODY_BYTES = 1 << 20
+#: The bound on the headers of one part of an upload.
+MAX_PART_HEADER_BYTES = 16 << 10
+#: What an upload's body may hold besides the archive: its 'request' part, headers, boundaries.
+FORM_BYTES = MAX_JSON_BODY_BYTES + (64 << 10)
+NO_ARCHIVE = "the upload needs a part 'archive': the study as a .zip or .tar.gz file"
 RETRY_HEADERS = {"Retry-After": str(RETRY_AFTER_S)}
 
 
@@ -132,13 +153,6 @@ class JobHost(Protocol):
     settings: ServeSettings
     admission: Admission
 
-    async def run_pipeline(
-        self,
-        request: InferenceRequest,
-        on_step: StepCallback | None = None,
-        check: Callable[[], None] | None = None,
-    ) -> InferenceResponse: ...
-
     async def run_admitted(
         self,
         request: InferenceRequest,
@@ -179,38 +193,6 @@ def archive_limits(settings: ServeSettings) -> ArchiveLimits:
     )
 
 
-async def receive_upload(request: Request, settings: ServeSettings) -> tuple[Upload, dict]:
-    """Check and store the multipart parts: the archive (streamed to disk under its limit,
-    then extracted entry by entry) and the request fields. Nothing stays behind on error."""
-    limits = archive_limits(settings)
-    declared = int(request.headers.get("content-length") or 0)
-    if declared > limits.max_upload_bytes + CHUNK:
-        raise TooLargeError(upload_too_large(settings))
-    try:
-        form = await request.form(max_files=1, max_fields=2, max_part_size=CHUNK)
-    except HTTPException as error:
-        raise RequestError(f"the multipart body cannot be read: {error.detail}") from None
-    try:
-        archive, fields = form.get("archive"), form.get("request")
-        if not isinstance(archive, UploadFile):
-            raise RequestError(
-                "the upload needs a part 'archive': the study as a .zip or .tar.gz file"
-            )
-        body = request_fields(fields if isinstance(fields, str) else "{}")
-        folder = settings.nnunet_bento_work_dir / "uploads" / uuid.uuid4().hex
-        folder.mkdir(parents=True)
-        try:
-            await save_archive(archive, folder / "upload", limits.max_upload_bytes, settings)
-            study = extract_study(folder / "upload", folder / "study", limits)
-            (folder / "upload").unlink()
-        except BaseException:
-            shutil.rmtree(folder, ignore_errors=True)
-            raise
-    finally:
-        await form.close()
-    return Upload(folder, study), body
-
-
 def upload_too_large(settings: ServeSettings) -> str:
     return (
         f"the archive is larger than NNUNET_BENTO_MAX_UPLOAD_MB "
@@ -218,20 +200,204 @@ def upload_too_large(settings: ServeSettings) -> str:
     )
 
 
-async def save_archive(
-    archive: UploadFile, path: Path, limit: int, settings: ServeSettings
-) -> None:
-    """Copy the uploaded archive to ``path``, refusing it once it passes ``limit`` bytes."""
-    written = 0
-    with open(path, "wb") as stream:
-        while chunk := await archive.read(CHUNK):
-            written += len(chunk)
-            if written > limit:
-                raise TooLargeError(upload_too_large(settings))
-            stream.write(chunk)
+def json_too_large() -> str:
+    return f"the body is larger than {MAX_JSON_BODY_BYTES >> 20} MiB, the bound on JSON bodies"
 
 
-def request_fields(text: str) -> dict[str, Any]:
+async def body_chunks(request: Request, bound: int, too_large: str) -> AsyncIterator[bytes]:
+    """The request body as it streams in, every byte counted, chunked or not: TooLargeError
+    (``too_large``) as soon as it passes ``bound`` bytes, before a byte more is read."""
+    if int(request.headers.get("content-length") or 0) > bound:
+        raise TooLargeError(too_large)
+    received = 0
+    try:
+        async for chunk in request.stream():
+            received += len(chunk)
+            if received > bound:
+                raise TooLargeError(too_large)
+            yield chunk
+    except ClientDisconnect:
+        raise RequestError("the client closed the connection before the body ended") from None
+
+
+async def read_json_body(request: Request) -> bytes:
+    """The body of a JSON request, refused (413) past MAX_JSON_BODY_BYTES."""
+    body = bytearray()
+    async with aclosing(body_chunks(request, MAX_JSON_BODY_BYTES, json_too_large())) as chunks:
+        async for chunk in chunks:
+            body += chunk
+    return bytes(body)
+
+
+class UploadBody:
+    """The multipart body of an upload, parsed as it streams in: the 'archive' part goes
+    straight to a file in the upload's folder, each byte counted against
+    NNUNET_BENTO_MAX_UPLOAD_MB (413) and charged to the work folder's room (507); the 'request'
+    part is kept, up to MAX_JSON_BODY_BYTES. Nothing else is spooled anywhere."""
+
+    def __init__(self, path: Path, settings: ServeSettings, room: WorkRoom) -> None:
+        self.path = path
+        self.settings = settings
+        self.room = room
+        self.max_archive = archive_limits(settings).max_upload_bytes
+        self.pending = bytearray()
+        self.archive_bytes = 0
+        self.request = bytearray()
+        self.part: str | None = None
+        self.parts: list[str] = []
+        self.header_name = bytearray()
+        self.header_value = bytearray()
+        self.header_bytes = 0
+        self.disposition = b""
+        self.ended = False
+
+    async def receive(self, request: Request) -> bytes:
+        """Read the whole body; answers the 'request' part (b"{}" when absent)."""
+        media_type, options = parse_options_header(request.headers.get("content-type"))
+        if media_type != b"multipart/form-data" or b"boundary" not in options:
+            raise RequestError(
+                "an upload is a multipart/form-data body with the parts 'archive' and 'request'"
+            )
+        try:
+            parser = MultipartParser(options[b"boundary"], self.callbacks())
+        except FormParserError as error:
+            raise RequestError(f"the multipart body cannot be read: {error}") from None
+        bound = self.max_archive + FORM_BYTES
+        file = await anyio.to_thread.run_sync(self.path.open, "xb")
+        try:
+            async with aclosing(
+                body_chunks(request, bound, upload_too_large(self.settings))
+            ) as chunks:
+                async for chunk in chunks:
+                    parser.write(chunk)
+                    if len(self.pending) >= CHUNK:
+                        await self.flush(file)
+            await self.flush(file)
+        except FormParserError as error:
+            raise RequestError(f"the multipart body cannot be read: {error}") from None
+        finally:
+            await anyio.to_thread.run_sync(file.close)
+        if not self.ended:
+            raise RequestError("the multipart body ends before its closing boundary")
+        if "archive" not in self.parts:
+            raise RequestError(NO_ARCHIVE)
+        return bytes(self.request) or b"{}"
+
+    def callbacks(self) -> "MultipartCallbacks":
+        return {
+            "on_part_begin": self.on_part_begin,
+            "on_header_field": self.on_header_field,
+            "on_header_value": self.on_header_value,
+            "on_header_end": self.on_header_end,
+            "on_headers_finished": self.on_headers_finished,
+            "on_part_data": self.on_part_data,
+            "on_end": self.on_end,
+        }
+
+    def on_part_begin(self) -> None:
+        self.part, self.disposition, self.header_bytes = None, b"", 0
+
+    def on_header_field(self, data: bytes, start: int, end: int) -> None:
+        self.add_header_bytes(self.header_name, data[start:end])
+
+    def on_header_value(self, data: bytes, start: int, end: int) -> None:
+        self.add_header_bytes(self.header_value, data[start:end])
+
+    def add_header_bytes(self, buffer: bytearray, data: bytes) -> None:
+        """Keep a piece of a part header, refusing headers past MAX_PART_HEADER_BYTES."""
+        self.header_bytes += len(data)
+        if self.header_bytes > MAX_PART_HEADER_BYTES:
+            raise RequestError(
+                f"the headers of an upload part are longer than {MAX_PART_HEADER_BYTES} bytes"
+            )
+        buffer += data
+
+    def on_header_end(self) -> None:
+        if self.header_name.lower() == b"content-disposition":
+            self.disposition = bytes(self.header_value)
+        self.header_name.clear()
+        self.header_value.clear()
+
+    def on_headers_finished(self) -> None:
+        """Name the part from its Content-Disposition: 'archive' (a file) or 'request'."""
+        _, options = parse_options_header(self.disposition)
+        name = options.get(b"name", b"").decode("utf-8", "replace")
+        if name == "archive" and b"filename" not in options:
+            raise RequestError(NO_ARCHIVE)
+        if name not in ("archive", "request"):
+            raise RequestError(
+                f"the upload has a part {name[:100]!r}; it takes the parts 'archive' and 'request'"
+            )
+        if name in self.parts:
+            raise RequestError(f"the upload has the part {name!r} twice")
+        self.part = name
+        self.parts.append(name)
+
+    def on_part_data(self, data: bytes, start: int, end: int) -> None:
+        if self.part == "request":
+            if len(self.request) + end - start > MAX_JSON_BODY_BYTES:
+                raise TooLargeError(
+                    f"the 'request' part is larger than {MAX_JSON_BODY_BYTES >> 20} MiB, the "
+                    "bound on JSON bodies"
+                )
+            self.request += data[start:end]
+            return
+        self.archive_bytes += end - start
+        if self.archive_bytes > self.max_archive:
+            raise TooLargeError(upload_too_large(self.settings))
+        self.room.charge(end - start)
+        self.pending += data[start:end]
+
+    def on_end(self) -> None:
+        self.ended = True
+
+    async def flush(self, file: BinaryIO) -> None:
+        """Write the archive bytes received so far to ``file``, in a worker thread."""
+        if self.pending:
+            data, self.pending = bytes(self.pending), bytearray()
+            await anyio.to_thread.run_sync(write_upload, file, data)
+
+
+def write_upload(file: BinaryIO, data: bytes) -> None:
+    """Write bytes of an upload; a full disk is a 507."""
+    try:
+        file.write(data)
+    except OSError as error:
+        if error.errno == errno.ENOSPC:
+            raise InsufficientStorageError("no space is left on disk for the upload") from None
+        raise
+
+
+async def receive_upload(
+    request: Request, settings: ServeSettings, budget: WorkBudget
+) -> tuple[Upload, dict]:
+    """Check and store the multipart parts: the archive (streamed to disk within its bounds,
+    then extracted entry by entry in a worker thread) and the request fields. Nothing stays
+    behind on error."""
+    limits = archive_limits(settings)
+    room = await anyio.to_thread.run_sync(budget.measure)
+    folder = settings.nnunet_bento_work_dir / "uploads" / uuid.uuid4().hex
+    await anyio.to_thread.run_sync(folder.mkdir)
+    try:
+        text = await UploadBody(folder / "upload", settings, room).receive(request)
+        body = request_fields(text)
+        study = await anyio.to_thread.run_sync(
+            extract_study, folder / "upload", folder / "study", limits, room
+        )
+        await anyio.to_thread.run_sync((folder / "upload").unlink)
+    except BaseException:
+        await remove_folder(folder)
+        raise
+    return Upload(folder, study), body
+
+
+async def remove_folder(folder: Path) -> None:
+    """Remove ``folder`` in a worker thread, also while the request is being cancelled."""
+    with anyio.CancelScope(shield=True):
+        await anyio.to_thread.run_sync(partial(shutil.rmtree, folder, ignore_errors=True))
+
+
+def request_fields(text: str | bytes) -> dict[str, Any]:
     """The 'request' part: a JSON object, without the fields the server sets itself."""
     fields = parse_json(text, "the 'request' part")
     if not isinstance(fields, dict):
@@ -264,14 +430,14 @@ def upload_request(upload: Upload, fields: dict[str, Any]) -> InferenceRequest:
 
 
 async def receive_upload_request(
-    request: Request, settings: ServeSettings
+    request: Request, settings: ServeSettings, budget: WorkBudget
 ) -> tuple[Upload, InferenceRequest]:
     """The stored upload and its /infer request; nothing stays behind on error."""
-    upload, fields = await receive_upload(request, settings)
+    upload, fields = await receive_upload(request, settings, budget)
     try:
-        return upload, upload_request(upload, fields)
+        return upload, await anyio.to_thread.run_sync(upload_request, upload, fields)
     except BaseException:
-        shutil.rmtree(upload.folder, ignore_errors=True)
+        await remove_folder(upload.folder)
         raise
 
 
@@ -302,53 +468,83 @@ def zip_response(path: Path, remove: Path | None = None) -> FileResponse:
 class JobRoutes:
     """The upload and job routes of one API worker, running on its host service."""
 
-    def __init__(self, host: JobHost) -> None:
+    def __init__(self, host: JobHost, jobs: JobStore) -> None:
         self.host = host
         self.settings = settings = host.settings
-        self.jobs = JobStore(
-            settings.nnunet_bento_work_dir / "jobs.sqlite", settings.nnunet_bento_job_ttl_s
-        )
+        self.jobs = jobs
+        self.budget = WorkBudget(settings.nnunet_bento_work_dir, settings.nnunet_bento_max_work_mb)
         self.tasks: set[asyncio.Task] = set()
 
     async def infer_file(self, request: Request) -> Response:
         """Run an uploaded study now; answer the zip of its outputs."""
         try:
-            upload, inference = await receive_upload_request(request, self.settings)
-        except NnunetBentoError as error:
-            return error_response(error.status_code, str(error))
+            place = self.host.admission.admit()
+        except ServerBusyError as error:
+            return refusal(error)
         try:
-            response = await self.host.run_pipeline(inference)
-            return zip_response(pack_result(response, upload), remove=upload.folder)
+            return await self.run_upload(request, place)
+        finally:
+            place.release()
+
+    async def run_upload(self, request: Request, place: Place) -> Response:
+        """Receive the upload of an admitted request, run it and answer the zip."""
+        try:
+            upload, inference = await receive_upload_request(request, self.settings, self.budget)
+        except NnunetBentoError as error:
+            return refusal(error)
+        try:
+            async with place.slot():
+                response = await self.host.run_admitted(inference)
+            result = await anyio.to_thread.run_sync(pack_result, response, upload)
+            return zip_response(result, remove=upload.folder)
         except Exception as error:
-            shutil.rmtree(upload.folder, ignore_errors=True)
+            await remove_folder(upload.folder)
             return self.host.failure_for(inference.nnunet_id, error)
 
     async def submit(self, request: Request) -> Response:
         """Queue an /infer body as a job: 202 with its id."""
-        try:
-            inference = parse_request(parse_json(await request.body(), "the body"))
-        except RequestError as error:
-            return error_response(error.status_code, str(error))
-        return self.start_job("infer", inference, None)
+        return await self.queue_job("infer", request)
 
     async def submit_upload(self, request: Request) -> Response:
         """Queue an uploaded study as a job: 202 with its id."""
-        try:
-            upload, inference = await receive_upload_request(request, self.settings)
-        except NnunetBentoError as error:
-            return error_response(error.status_code, str(error))
-        return self.start_job("upload", inference, upload)
+        return await self.queue_job("upload", request)
 
-    def start_job(
-        self, kind: JobKind, inference: InferenceRequest, upload: Upload | None
+    async def queue_job(self, kind: JobKind, request: Request) -> Response:
+        """Admit the job before its body is read, then read the body and start the job."""
+        try:
+            place = self.host.admission.admit()
+        except ServerBusyError as error:
+            return refusal(error)
+        try:
+            if kind == "upload":
+                upload, inference = await receive_upload_request(
+                    request, self.settings, self.budget
+                )
+            else:
+                upload, inference = (
+                    None,
+                    parse_request(parse_json(await read_json_body(request), "the body")),
+                )
+            return await self.start_job(kind, inference, upload, place)
+        except NnunetBentoError as error:
+            return refusal(error)
+        finally:
+            place.release()
+
+    async def start_job(
+        self, kind: JobKind, inference: InferenceRequest, upload: Upload | None, place: Place
     ) -> Response:
-        self.expire()
-        if self.host.admission.full():
-            if upload is not None:
-                shutil.rmtree(upload.folder, ignore_errors=True)
-            return error_response(503, self.host.admission.busy_message(), RETRY_HEADERS)
-        record = self.jobs.create(kind, upload.folder if upload is not None else None)
-        task = asyncio.create_task(self.run_job(record.job_id, inference, upload))
+        """Record the job and start its task, which takes ``place`` over: 202 with its id."""
+        folder = upload.folder if upload is not None else None
+        try:
+            await anyio.to_thread.run_sync(self.expire)
+            record = await anyio.to_thread.run_sync(self.jobs.create, kind, folder)
+        except BaseException:
+            if folder is not None:
+                await remove_folder(folder)
+            raise
+        job = self.run_job(record.job_id, inference, upload, place.hand_over())
+        task = asyncio.create_task(job)
         self.tasks.add(task)
         task.add_done_callback(self.job_ended)
         created = JobCreated(job_id=record.job_id, status=record.status)
@@ -361,9 +557,11 @@ class JobRoutes:
             logger.error("a job failed outside its error handling", exc_info=task.exception())
 
     async def run_job(
-        self, job_id: str, inference: InferenceRequest, upload: Upload | None
+        self, job_id: str, inference: InferenceRequest, upload: Upload | None, place: Place
     ) -> None:
-        """Run one job to its end, recording its progress and outcome."""
+        """Run one job to its end, recording its progress and outcome; the job store and the
+        result's packing run in worker threads (``on_step`` and ``check`` run in the
+        pipeline's)."""
         n_stages = len(inference.model_ids)
 
         def on_step(stage: int, step: str) -> None:
@@ -374,25 +572,28 @@ class JobRoutes:
                 raise JobCancelledError(f"job {job_id} was cancelled; nothing was written")
 
         try:
-            async with self.host.admission.slot():
-                if not self.jobs.start(job_id):
+            async with place.slot():
+                if not await anyio.to_thread.run_sync(self.jobs.start, job_id):
                     return
                 response = await self.host.run_admitted(inference, on_step, check)
             if upload is None:
-                self.jobs.finish(job_id, response.model_dump(mode="json"))
+                result, result_file = response.model_dump(mode="json"), None
             else:
-                self.jobs.finish(job_id, None, str(pack_result(response, upload)))
+                result = None
+                result_file = str(await anyio.to_thread.run_sync(pack_result, response, upload))
+            await anyio.to_thread.run_sync(self.jobs.finish, job_id, result, result_file)
         except Exception as error:
             failure = self.host.failure_for(inference.nnunet_id, error)
-            self.jobs.fail(job_id, json.loads(failure.body)["error"], failure.status_code)
+            error_text = json.loads(failure.body)["error"]
+            await anyio.to_thread.run_sync(self.jobs.fail, job_id, error_text, failure.status_code)
         finally:
             if upload is not None:
-                keep = self.jobs.get(job_id)
-                self.remove_upload_inputs(upload, keep)
+                with anyio.CancelScope(shield=True):
+                    await anyio.to_thread.run_sync(self.remove_upload_inputs, upload, job_id)
 
-    @staticmethod
-    def remove_upload_inputs(upload: Upload, record: JobRecord | None) -> None:
-        """Keep only the result zip of a finished upload job."""
+    def remove_upload_inputs(self, upload: Upload, job_id: str) -> None:
+        """Keep only the result zip of a finished upload job (in a worker thread)."""
+        record = self.jobs.get(job_id)
         if record is None or record.result_file is None:
             shutil.rmtree(upload.folder, ignore_errors=True)
             return
@@ -400,13 +601,14 @@ class JobRoutes:
             if path != upload.result:
                 shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink()
 
-    def record(self, request: Request) -> JobRecord | None:
-        self.expire()
-        return self.jobs.get(request.path_params["job_id"])
+    async def record(self, request: Request) -> JobRecord | None:
+        """The job that the path names, once older jobs expire (in a worker thread)."""
+        await anyio.to_thread.run_sync(self.expire)
+        return await anyio.to_thread.run_sync(self.jobs.get, request.path_params["job_id"])
 
     async def status(self, request: Request) -> Response:
         """A job's state: queued, running (stage i of n, step), done, failed or cancelled."""
-        record = self.record(request)
+        record = await self.record(request)
         if record is None:
             return unknown_job(request)
         return job_state(record)
@@ -414,7 +616,7 @@ class JobRoutes:
     async def result(self, request: Request) -> Response:
         """A finished job's result: the /infer response of a job by path, the zip of an upload
         job. A failed job answers its own status and error; an unfinished one 409."""
-        record = self.record(request)
+        record = await self.record(request)
         if record is None:
             return unknown_job(request)
         if record.status == "failed":
@@ -458,6 +660,12 @@ def remove_result(record: JobRecord) -> None:
     """Remove the result files of a forgotten job: the folder of an upload job's zip."""
     if record.result_file:
         shutil.rmtree(Path(record.result_file).parent, ignore_errors=True)
+
+
+def refusal(error: NnunetBentoError) -> Response:
+    """The answer to a refused request: its status and message, with Retry-After for a 503."""
+    headers = RETRY_HEADERS if error.status_code == 503 else None
+    return error_response(error.status_code, str(error), headers)
 
 
 def job_state(record: JobRecord) -> JSONResponse:

@@ -8,6 +8,7 @@ import asyncio
 import logging
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -19,16 +20,18 @@ from starlette.responses import JSONResponse
 
 from ..catalog.registry import Registry, build_registry, weights_source
 from ..catalog.spec import load_spec
-from ..errors import DeviceUnavailableError, NnunetBentoError, SpecError
+from ..errors import DeviceUnavailableError, NnunetBentoError, SpecError, WorkFolderError
 from ..io.path_roots import PathRoots
 from ..io.staging import remove_stale_staging
+from ..io.work_folder import claim_work_folder, prepare_work_folder, sweep_work_folder
+from ..job_store import JobStore
 from ..pacs.nodes import DicomNode, load_nodes, node_kinds
 from ..pipeline import SegmentationPipeline, StepCallback
 from ..request import InferenceRequest, InferenceResponse
 from ..settings import ServeSettings, allowed_origins, load_settings
-from .admission import RETRY_AFTER_S, Admission, deadline_check
+from .admission import Admission, deadline_check
 from .error_body import error_response
-from .job_routes import UPLOAD_PATHS, JobRoutes
+from .job_routes import UPLOAD_PATHS, JobRoutes, refusal
 from .request_body import StrictInferenceRequest, parse_request
 from .runner_service import RunnerServicePredictor
 
@@ -96,6 +99,35 @@ def warn_about_open_doors(settings: ServeSettings) -> None:
         )
 
 
+def prepare_work_folder_or_exit(settings: ServeSettings) -> Path:
+    """The work folder, checked and private (prepare_work_folder); a refusal stops start-up.
+
+    Called before the service's process starts (at import, like load_registry_or_exit), a
+    refusal stops `bentoml serve` in one line; in a worker it stops that worker."""
+    try:
+        return prepare_work_folder(settings.nnunet_bento_work_dir)
+    except WorkFolderError as error:
+        sys.exit(f"nnunet-bento cannot start: {error}")
+
+
+def open_work_folder(settings: ServeSettings) -> tuple[int, JobStore]:
+    """Check the work folder, claim it for this process's life and open the job store; the
+    descriptor of the claim (kept open) and the store. The only server using the folder
+    cleans up after stopped ones: the jobs they left running are failed, and the uploads and
+    pulled series that no job holds are removed."""
+    work_dir = prepare_work_folder_or_exit(settings)
+    claim, alone = claim_work_folder(work_dir)
+    jobs = JobStore(work_dir / "jobs.sqlite", settings.nnunet_bento_job_ttl_s)
+    if alone:
+        for record in jobs.fail_interrupted():
+            logger.warning("job %s was running when the server stopped; it failed", record.job_id)
+        for folder in sweep_work_folder(work_dir, jobs.folders_in_use()):
+            logger.warning("removed %s, which no job holds, left by a stopped server", folder)
+    for folder in remove_stale_staging(work_dir, settings.nnunet_bento_request_timeout_s):
+        logger.warning("removed the staging folder %s of an interrupted request", folder)
+    return claim, jobs
+
+
 def given_fields(fields: dict[str, Any]) -> dict[str, Any]:
     """The fields of an /infer body as BentoML hands them, without those at their default.
 
@@ -124,6 +156,7 @@ class SegmentationServiceBase:
     def __init__(self) -> None:
         self.settings = load_settings()
         warn_about_open_doors(self.settings)
+        self.work_claim, jobs = open_work_folder(self.settings)
         self.pipeline = SegmentationPipeline(
             self.registry,
             RunnerServicePredictor(self.runner, self.registry),
@@ -134,13 +167,9 @@ class SegmentationServiceBase:
         self.admission = Admission(
             self.settings.nnunet_bento_max_pipelines, self.settings.nnunet_bento_max_queue
         )
-        for folder in remove_stale_staging(
-            self.settings.nnunet_bento_work_dir, self.settings.nnunet_bento_request_timeout_s
-        ):
-            logger.warning("removed the staging folder %s of an interrupted request", folder)
         self.device: str | None = None
         self.device_query: asyncio.Future | None = None
-        self.job_routes = JobRoutes(self)
+        self.job_routes = JobRoutes(self, jobs)
 
     @bentoml.api(input_spec=StrictInferenceRequest)
     async def infer(self, **fields: Any) -> dict[str, Any]:
@@ -189,8 +218,7 @@ class SegmentationServiceBase:
             logger.warning(
                 "request for %s failed: %s", nnunet_id, error, exc_info=self.settings.debug
             )
-            headers = {"Retry-After": str(RETRY_AFTER_S)} if error.status_code == 503 else None
-            return error_response(error.status_code, str(error), headers)
+            return refusal(error)
         logger.error("request for %s failed", nnunet_id, exc_info=error)
         return error_response(
             500,
