@@ -4,7 +4,7 @@ import bentoml
 
 from nnunet_bento.server.error_body import ErrorBodyMiddleware
 from nnunet_bento.server.guard import RequestGuard
-from nnunet_bento.server.routes import METRICS_CONFIG, RouteMetrics, build_routes
+from nnunet_bento.server.routes import RouteMetrics, build_routes
 from nnunet_bento.server.runner_service import (
     ModelRunnerBase,
     bento_model_attributes,
@@ -15,11 +15,13 @@ from nnunet_bento.server.services import (
     guard_options,
     load_dicom_nodes_or_exit,
     load_registry_or_exit,
+    prepare_work_folder_or_exit,
     segmentation_config,
 )
-from nnunet_bento.settings import allowed_hosts, load_settings
+from nnunet_bento.settings import load_settings
 
 SETTINGS = load_settings()
+prepare_work_folder_or_exit(SETTINGS)
 REGISTRY = load_registry_or_exit(SETTINGS)
 DICOM_NODES = load_dicom_nodes_or_exit(SETTINGS)
 
@@ -30,7 +32,7 @@ ModelRunner = bentoml.service(**runner_config(SETTINGS))(
         {"registry": REGISTRY, **bento_model_attributes(REGISTRY)},
     )
 )
-SegmentationService = bentoml.service(**segmentation_config(SETTINGS), metrics=METRICS_CONFIG)(
+SegmentationService = bentoml.service(**segmentation_config(SETTINGS))(
     type(
         "SegmentationService",
         (SegmentationServiceBase,),
@@ -44,6 +46,4 @@ SegmentationService = bentoml.service(**segmentation_config(SETTINGS), metrics=M
 SegmentationService.mount_asgi_app(build_routes(SegmentationService), path="/")
 SegmentationService.add_asgi_middleware(RouteMetrics)
 SegmentationService.add_asgi_middleware(ErrorBodyMiddleware)
-SegmentationService.add_asgi_middleware(
-    RequestGuard, **guard_options(SETTINGS), allowed_hosts=allowed_hosts(SETTINGS)
-)
+SegmentationService.add_asgi_middleware(RequestGuard, **guard_options(SETTINGS))

@@ -16,7 +16,7 @@ from tqdm import tqdm
 from ..catalog.registry import Registry, build_registry, weights_source
 from ..catalog.spec import MetadataPath, ModelEntry, ServeSpec, load_spec
 from ..errors import NnunetBentoError, RequestError
-from ..io.work_folder import prepare_work_folder
+from ..io.work_folder import claim_work_folder, prepare_work_folder
 from ..pacs.nodes import load_nodes
 from ..pipeline import SegmentationPipeline
 from ..plan import CLI_LAYOUT
@@ -307,8 +307,12 @@ def predict(args: argparse.Namespace) -> int:
     try:
         with stopped_by_sigterm():
             reporter.running()
-            prepare_work_folder(load_settings().nnunet_bento_work_dir)
-            summary = run_on_server(args) if args.url else run_predict(args)
+            work = prepare_work_folder(load_settings().nnunet_bento_work_dir)
+            claim, _ = claim_work_folder(work)
+            try:
+                summary = run_on_server(args) if args.url else run_predict(args)
+            finally:
+                os.close(claim)
     except Exception as error:
         message = (
             str(error)

@@ -81,7 +81,8 @@ REASONS = {
     502: "A DICOM node failed or could not be reached.",
     503: "The server is busy or the model runner is unavailable; retry later.",
     504: "The request ran past NNUNET_BENTO_REQUEST_TIMEOUT_S; nothing was written.",
-    507: "The output disk is full; nothing was written.",
+    507: "The output disk is full, or an upload does not fit NNUNET_BENTO_MAX_WORK_MB; nothing "
+    "was written.",
 }
 
 
@@ -112,14 +113,14 @@ ANSWERS = {
     "dicom_nodes_info": Answers(),
     "infer_file": Answers(RUN_ERRORS, content=ZIP, body=UPLOAD),
     "submit": Answers(
-        (503,),
+        (413, 503),
         202,
         json_content(JobCreated),
         json_content(InferenceRequest),
         ("status", "result", "cancel"),
     ),
     "submit_upload": Answers(
-        (413, 503), 202, json_content(JobCreated), UPLOAD, ("status", "result", "cancel")
+        (413, 503, 507), 202, json_content(JobCreated), UPLOAD, ("status", "result", "cancel")
     ),
     "status": Answers((404,), content=json_content(JobState)),
     "cancel": Answers((404,), content=json_content(JobState), empty=(204,)),

@@ -16,8 +16,6 @@ from typing import Any
 
 import anyio
 import bentoml
-from bentoml._internal.configuration.containers import BentoMLContainer
-from bentoml._internal.server.http.instruments import RunnerTrafficMetricsMiddleware
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -87,10 +85,22 @@ async def openapi_json(request: Request) -> JSONResponse:
     return JSONResponse(openapi_document(instance.bento_service, token_required))
 
 
+def bentoml_metrics() -> tuple[Any, Callable[[ASGIApp], ASGIApp]]:
+    """BentoML's metrics client and its HTTP instrument (bound to the configured namespace):
+    the one place that reaches into BentoML's private metrics modules."""
+    from bentoml._internal.configuration.containers import BentoMLContainer
+    from bentoml._internal.server.http.instruments import RunnerTrafficMetricsMiddleware
+
+    namespace = BentoMLContainer.api_server_config.metrics.namespace.get()
+    return BentoMLContainer.metrics_client.get(), lambda app: RunnerTrafficMetricsMiddleware(
+        app, namespace=namespace
+    )
+
+
 async def metrics(request: Request) -> Response:
     """The Prometheus metrics of every process of the server; each request's `endpoint` label
     is its route template (`/jobs/{job_id}`), or `unknown` for a path that no route serves."""
-    client = BentoMLContainer.metrics_client.get()
+    client, _ = bentoml_metrics()
     body = await anyio.to_thread.run_sync(client.generate_latest)
     return Response(body, media_type=client.CONTENT_TYPE_LATEST)
 
@@ -102,10 +112,8 @@ class RouteMetrics:
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
-        self.instrument = RunnerTrafficMetricsMiddleware(
-            self.with_request_path,
-            namespace=BentoMLContainer.api_server_config.metrics.namespace.get(),
-        )
+        _, instrument = bentoml_metrics()
+        self.instrument = instrument(self.with_request_path)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":

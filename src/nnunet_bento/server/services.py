@@ -28,11 +28,12 @@ from ..job_store import JobStore
 from ..pacs.nodes import DicomNode, load_nodes, node_kinds
 from ..pipeline import SegmentationPipeline, StepCallback
 from ..request import InferenceRequest, InferenceResponse
-from ..settings import ServeSettings, allowed_origins, load_settings
+from ..settings import ServeSettings, allowed_hosts, allowed_origins, load_settings
 from .admission import Admission, deadline_check
 from .error_body import error_response
 from .job_routes import UPLOAD_PATHS, JobRoutes, refusal
 from .request_body import StrictInferenceRequest, parse_request
+from .routes import METRICS_CONFIG
 from .runner_service import RunnerServicePredictor
 
 logger = logging.getLogger("nnunet_bento")
@@ -63,6 +64,7 @@ def segmentation_config(settings: ServeSettings) -> dict[str, Any]:
         "workers": 1,
         "traffic": {"timeout": settings.nnunet_bento_request_timeout_s},
         "http": {"port": settings.nnunet_serve_port, "host": settings.nnunet_serve_host},
+        "metrics": METRICS_CONFIG,
     }
 
 
@@ -81,6 +83,7 @@ def guard_options(settings: ServeSettings) -> dict[str, Any]:
     return {
         "token": token.get_secret_value() if token else None,
         "allowed_origins": allowed_origins(settings),
+        "allowed_hosts": allowed_hosts(settings),
         "multipart_paths": UPLOAD_PATHS,
     }
 
