@@ -3,9 +3,9 @@
 from pathlib import Path
 from typing import Any
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from ..config_file import read_config_file
 from ..errors import SpecError
 
 
@@ -131,15 +131,7 @@ def parse_spec(raw: Any, source: str) -> ServeSpec:
 def load_spec(path: Path) -> ServeSpec:
     """Read and validate a spec file; relative paths in it are taken from its own folder."""
     path = Path(path)
-    if not path.is_file():
-        raise SpecError(
-            f"model serve spec {path} does not exist; set MODEL_SERVE_SPEC to the registry file"
-        )
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as error:
-        raise SpecError(f"{path} is not valid YAML: {error}") from None
-    spec = parse_spec(raw, str(path))
+    spec = parse_spec(read_config_file(path, "model serve spec", "MODEL_SERVE_SPEC"), str(path))
     base = path.resolve().parent
     if spec.model_folder is not None and not spec.model_folder.is_absolute():
         spec.model_folder = base / spec.model_folder

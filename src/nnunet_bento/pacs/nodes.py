@@ -11,9 +11,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, HttpUrl, ValidationError, field_validator
 
+from ..config_file import read_config_file
 from ..errors import RequestError, SpecError
 
 NODES_ENV = "NNUNET_BENTO_DICOM_NODES"
@@ -73,14 +73,7 @@ NODE_CLASSES: dict[str, type[DicomNode]] = {"dicomweb": DicomWebNode, "dimse": D
 
 def load_nodes(path: Path) -> dict[str, DicomNode]:
     """Read and validate a nodes file (YAML, ``nodes:`` a list); SpecError names node and field."""
-    path = Path(path)
-    if not path.is_file():
-        raise SpecError(f"DICOM nodes file {path} does not exist; set {NODES_ENV} to it")
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as error:
-        raise SpecError(f"{path} is not valid YAML: {error}") from None
-    return parse_nodes(raw, str(path))
+    return parse_nodes(read_config_file(path, "DICOM nodes file", NODES_ENV), str(path))
 
 
 def parse_nodes(raw: Any, source: str) -> dict[str, DicomNode]:
