@@ -15,15 +15,10 @@ from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
+from demo_pipeline import REPO, demo_pipeline
 
-from nnunet_bento.catalog.registry import build_registry
-from nnunet_bento.catalog.spec import parse_spec
-from nnunet_bento.pipeline import SegmentationPipeline
 from nnunet_bento.request import InferenceRequest
-from nnunet_bento.runners.device import DeviceSelector
-from nnunet_bento.runners.nnunet_runner import RunnerModel, RunnerSet
 
-REPO = Path(__file__).resolve().parents[2]
 STUDY = REPO / "examples" / "study"
 
 
@@ -68,23 +63,7 @@ def main() -> None:
     for name, image in (("T2", t2), ("ADC", adc)):
         (study / name).mkdir()
         sitk.WriteImage(image, str(study / name / f"{name}.nii.gz"))
-    spec = parse_spec(
-        {
-            "model_folder": str(REPO / "examples" / "models"),
-            "models": [
-                {"id": "organ", "rel_path": "organ"},
-                {"id": "lesion", "rel_path": "lesion"},
-            ],
-        },
-        "bench spec",
-    )
-    registry = build_registry(spec)
-    runners = RunnerSet(
-        {m.id: RunnerModel(m.folder) for m in registry.models.values()},
-        DeviceSelector.for_this_machine(wait_s=60),
-        cache_size=4,
-    )
-    pipeline = SegmentationPipeline(registry, runners)
+    pipeline = demo_pipeline("organ", "lesion")
     seconds, lesions = {}, {}
     for mode in ("intersect", "crop"):
         request = InferenceRequest(
@@ -106,9 +85,8 @@ def main() -> None:
         lesions[mode] = sitk.GetArrayFromImage(sitk.ReadImage(response.nifti_prediction[1])) > 0
     overlap = np.logical_and(lesions["crop"], lesions["intersect"]).sum()
     dice = 2 * overlap / max(lesions["crop"].sum() + lesions["intersect"].sum(), 1)
-    print(
-        f"organ -> lesion on {t2.GetSize()} voxels, device {runners.selector.describe()['device']}"
-    )
+    device = pipeline.predictor.selector.describe()["device"]
+    print(f"organ -> lesion on {t2.GetSize()} voxels, device {device}")
     for mode, value in seconds.items():
         print(f"  cascade_mode {mode:9s} {value:7.2f} s")
     print(
