@@ -15,6 +15,7 @@ from nnunet_bento.server.services import (
     guard_options,
     load_dicom_nodes_or_exit,
     load_registry_or_exit,
+    load_webhooks_or_exit,
     prepare_work_folder_or_exit,
     segmentation_config,
 )
@@ -24,6 +25,7 @@ SETTINGS = load_settings()
 prepare_work_folder_or_exit(SETTINGS)
 REGISTRY = load_registry_or_exit(SETTINGS)
 DICOM_NODES = load_dicom_nodes_or_exit(SETTINGS)
+WEBHOOKS = load_webhooks_or_exit(SETTINGS)
 
 ModelRunner = bentoml.service(**runner_config(SETTINGS))(
     type(
@@ -39,6 +41,7 @@ SegmentationService = bentoml.service(**segmentation_config(SETTINGS))(
         {
             "registry": REGISTRY,
             "dicom_nodes": DICOM_NODES,
+            "webhooks": WEBHOOKS,
             "runner": bentoml.depends(ModelRunner),
         },
     )

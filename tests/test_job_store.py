@@ -229,6 +229,8 @@ def test_to_public_gives_state_and_iso_times_never_server_paths(
         "finished",
         "error",
         "status_code",
+        "source",
+        "notifications",
     }
     assert (public["job_id"], public["status"]) == (job.job_id, "done")
     assert public["created"].endswith("+00:00")
@@ -375,3 +377,54 @@ def test_a_file_of_the_earlier_schema_gains_the_new_column(tmp_path):
     store = JobStore(path, TTL_S)
     record = store.create("upload", tmp_path / "uploads" / "x")
     assert store.get(record.job_id).input_folder == str(tmp_path / "uploads" / "x")
+    assert store.get(record.job_id).source == "api", "an earlier job came from the API"
+
+
+def test_a_listing_pages_newest_first_with_filters(store: JobStore, clock: FakeClock) -> None:
+    made = []
+    for index in range(5):
+        clock.now += 1
+        made.append(store.create("infer", source="listener" if index % 2 else "api"))
+    store.start(made[3].job_id)
+    first = store.page(limit=2)
+    assert [r.job_id for r in first.records] == [made[4].job_id, made[3].job_id]
+    second = store.page(limit=2, after=first.next)
+    third = store.page(limit=2, after=second.next)
+    assert [r.job_id for r in second.records + third.records] == [
+        made[2].job_id,
+        made[1].job_id,
+        made[0].job_id,
+    ]
+    assert third.next is None
+    assert [r.job_id for r in store.page(source="listener").records] == [
+        made[3].job_id,
+        made[1].job_id,
+    ]
+    assert [r.job_id for r in store.page(status="running").records] == [made[3].job_id]
+    with pytest.raises(ValueError, match="cursor"):
+        store.page(after="not-a-cursor")
+
+
+def test_a_listing_leaves_out_expired_jobs(store: JobStore, clock: FakeClock) -> None:
+    old = run_job(store)
+    clock.now += TTL_S + 1
+    young = store.create("infer")
+    assert [r.job_id for r in store.page().records] == [young.job_id]
+    assert old.job_id not in {r.job_id for r in store.page(status="done").records}
+
+
+def test_a_series_job_is_found_by_its_content_until_it_fails(store: JobStore) -> None:
+    job = store.create("infer", source="listener")
+    store.record_series("ct", "1.2.3", "hash-a", job.job_id)
+    assert store.series_job("ct", "1.2.3", "hash-a") == job.job_id
+    assert store.series_job("ct", "1.2.3", "hash-b") is None, "changed content"
+    assert store.series_job("mr", "1.2.3", "hash-a") is None, "another route"
+    store.fail(job.job_id, "model failed", 500)
+    assert store.series_job("ct", "1.2.3", "hash-a") is None, "a failed job may run again"
+
+
+def test_notifications_are_recorded_and_public(store: JobStore) -> None:
+    job = run_job(store)
+    results = [{"webhook": "ris", "delivered": True, "attempts": 2, "status": 200, "error": None}]
+    store.notified(job.job_id, results)
+    assert store.get(job.job_id).to_public()["notifications"] == results

@@ -5,8 +5,14 @@ may call any method. Every state change is one conditional UPDATE: a job cancell
 runs is never finished afterwards, and a finished or failed job is never cancelled. Records
 expire ``ttl_s`` after they finish (done, failed or cancelled); queued and running jobs never do.
 The file must be on a local disk: SQLite's WAL mode does not work over network filesystems.
+
+A job records its source (``api``, or ``listener`` for the DICOM listener's), and the results
+of the webhooks it called. Beside the jobs, ``listener_series`` records which content of a
+series each listener route made a job of, so that a series sent again unchanged makes none.
 """
 
+import base64
+import binascii
 import fcntl
 import json
 import os
@@ -22,6 +28,7 @@ from typing import Any, Literal
 
 JobKind = Literal["infer", "upload"]
 JobStatus = Literal["queued", "running", "done", "failed", "cancelled"]
+JobSource = Literal["api", "listener"]
 BUSY_TIMEOUT_S = 60.0
 _ACTIVE = ("queued", "running")
 _SCHEMA = """
@@ -40,11 +47,27 @@ CREATE TABLE IF NOT EXISTS jobs (
     status_code INTEGER,
     result_json TEXT,
     result_file TEXT,
-    input_folder TEXT
+    input_folder TEXT,
+    source TEXT NOT NULL DEFAULT 'api',
+    notifications TEXT
+)
+"""
+_SERIES_SCHEMA = """
+CREATE TABLE IF NOT EXISTS listener_series (
+    route TEXT NOT NULL,
+    series_uid TEXT NOT NULL,
+    content_hash TEXT NOT NULL,
+    job_id TEXT NOT NULL,
+    PRIMARY KEY (route, series_uid)
 )
 """
 #: Columns added after the first release, with their type: added to older files at open.
-_ADDED_COLUMNS = {"input_folder": "TEXT"}
+_ADDED_COLUMNS = {
+    "input_folder": "TEXT",
+    "source": "TEXT NOT NULL DEFAULT 'api'",
+    "notifications": "TEXT",
+}
+_JSON_COLUMNS = ("result_json", "notifications")
 INTERRUPTED = "interrupted by a restart of the server; nothing was committed: submit the job again"
 
 
@@ -66,6 +89,8 @@ class JobRecord:
     result_json: dict[str, Any] | None
     result_file: str | None
     input_folder: str | None = None
+    source: JobSource = "api"
+    notifications: list[dict[str, Any]] | None = None
 
     def to_public(self) -> dict[str, Any]:
         """What GET /jobs/{job_id} answers; stage is {index (0-based, as stage_N), count}.
@@ -76,6 +101,7 @@ class JobRecord:
         return {
             "job_id": self.job_id,
             "kind": self.kind,
+            "source": self.source,
             "status": self.status,
             "stage": stage,
             "step": self.step,
@@ -84,7 +110,16 @@ class JobRecord:
             "finished": _iso(self.finished),
             "error": self.error,
             "status_code": self.status_code,
+            "notifications": self.notifications,
         }
+
+
+@dataclass(frozen=True)
+class JobPage:
+    """One page of a listing, newest first, and the cursor of the next page (None at the end)."""
+
+    records: list[JobRecord]
+    next: str | None
 
 
 _COLUMNS = ", ".join(field.name for field in fields(JobRecord))
@@ -96,10 +131,27 @@ def _iso(timestamp: float | None) -> str | None:
 
 
 def _record(row: sqlite3.Row) -> JobRecord:
-    """A table row as a record, its result JSON parsed."""
+    """A table row as a record, its JSON columns parsed."""
     values = dict(row)
-    result = values.pop("result_json")
-    return JobRecord(**values, result_json=None if result is None else json.loads(result))
+    for column in _JSON_COLUMNS:
+        values[column] = None if values[column] is None else json.loads(values[column])
+    return JobRecord(**values)
+
+
+def _cursor(record: JobRecord) -> str:
+    """The opaque cursor of the listing's position after ``record``."""
+    return base64.urlsafe_b64encode(json.dumps([record.created, record.job_id]).encode()).decode()
+
+
+def _position(cursor: str) -> tuple[float, str]:
+    """The (created, job_id) that a cursor of ``_cursor`` stands for; ValueError otherwise."""
+    try:
+        created, job_id = json.loads(base64.urlsafe_b64decode(cursor.encode()))
+    except (binascii.Error, UnicodeError, ValueError, TypeError):
+        raise ValueError("not a cursor of this listing") from None
+    if not isinstance(created, int | float) or not isinstance(job_id, str):
+        raise ValueError("not a cursor of this listing")
+    return float(created), job_id
 
 
 class JobStore:
@@ -118,6 +170,7 @@ class JobStore:
             fcntl.flock(lock, fcntl.LOCK_EX)
             self._db().execute("PRAGMA journal_mode=WAL")
             self._db().execute(_SCHEMA)
+            self._db().execute(_SERIES_SCHEMA)
             present = {row["name"] for row in self._db().execute("PRAGMA table_info(jobs)")}
             for column, kind in _ADDED_COLUMNS.items():
                 if column not in present:
@@ -137,15 +190,49 @@ class JobStore:
             local.pid = os.getpid()
         return local.db
 
-    def create(self, kind: JobKind, input_folder: Path | None = None) -> JobRecord:
+    def create(
+        self, kind: JobKind, input_folder: Path | None = None, source: JobSource = "api"
+    ) -> JobRecord:
         """A new queued job with a random, unguessable id; ``input_folder`` holds its inputs
         (an upload's) in the work folder while the job needs them."""
         (record,) = self._records(
-            "INSERT INTO jobs (job_id, kind, status, created, input_folder) "
-            f"VALUES (?, ?, 'queued', ?, ?) RETURNING {_COLUMNS}",
-            (secrets.token_urlsafe(16), kind, self._clock(), input_folder and str(input_folder)),
+            "INSERT INTO jobs (job_id, kind, status, created, input_folder, source) "
+            f"VALUES (?, ?, 'queued', ?, ?, ?) RETURNING {_COLUMNS}",
+            (
+                secrets.token_urlsafe(16),
+                kind,
+                self._clock(),
+                input_folder and str(input_folder),
+                source,
+            ),
         )
         return record
+
+    def page(
+        self,
+        status: JobStatus | None = None,
+        source: JobSource | None = None,
+        limit: int = 50,
+        after: str | None = None,
+    ) -> JobPage:
+        """Unexpired jobs, newest first, of one status and source when given: ``limit`` of
+        them after the cursor ``after`` (ValueError for a cursor this listing did not give)."""
+        conditions = ["(finished IS NULL OR finished >= ?)"]
+        parameters: list[Any] = [self._clock() - self.ttl_s]
+        for column, value in (("status", status), ("source", source)):
+            if value is not None:
+                conditions.append(f"{column} = ?")
+                parameters.append(value)
+        if after is not None:
+            conditions.append("(created, job_id) < (?, ?)")
+            parameters += _position(after)
+        records = self._records(
+            f"SELECT {_COLUMNS} FROM jobs WHERE {' AND '.join(conditions)} "
+            "ORDER BY created DESC, job_id DESC LIMIT ?",
+            (*parameters, limit + 1),
+        )
+        more = len(records) > limit
+        return JobPage(records[:limit], _cursor(records[limit - 1]) if more else None)
 
     def get(self, job_id: str) -> JobRecord | None:
         """The job's record; None for an unknown or expired job."""
@@ -184,6 +271,35 @@ class JobStore:
             finished=self._clock(),
             error=error,
             status_code=status_code,
+        )
+
+    def notified(self, job_id: str, results: list[dict[str, Any]]) -> None:
+        """Record the results of the webhooks that the job called when it ended."""
+        self._db().execute(
+            "UPDATE jobs SET notifications = ? WHERE job_id = ?", (json.dumps(results), job_id)
+        )
+
+    def series_job(self, route: str, series_uid: str, content_hash: str) -> str | None:
+        """The queued, running or done job that ``route`` made of this content of the series
+        (its first channel's, for a multi-series route); None when there is none."""
+        row = (
+            self._db()
+            .execute(
+                "SELECT jobs.job_id FROM listener_series JOIN jobs USING (job_id) "
+                "WHERE route = ? AND series_uid = ? AND content_hash = ? "
+                "AND status IN ('queued', 'running', 'done')",
+                (route, series_uid, content_hash),
+            )
+            .fetchone()
+        )
+        return None if row is None else row["job_id"]
+
+    def record_series(self, route: str, series_uid: str, content_hash: str, job_id: str) -> None:
+        """Record that ``route`` made job ``job_id`` of this content of the series."""
+        self._db().execute(
+            "INSERT OR REPLACE INTO listener_series (route, series_uid, content_hash, job_id) "
+            "VALUES (?, ?, ?, ?)",
+            (route, series_uid, content_hash, job_id),
         )
 
     def cancel(self, job_id: str) -> JobRecord | None:
@@ -235,6 +351,10 @@ class JobStore:
         records = self._records(
             f"DELETE FROM jobs WHERE finished < ? RETURNING {_COLUMNS}", (cutoff,)
         )
+        if records:
+            self._db().execute(
+                "DELETE FROM listener_series WHERE job_id NOT IN (SELECT job_id FROM jobs)"
+            )
         return sorted(records, key=lambda record: record.created)
 
     def _expired(self, record: JobRecord, now: float) -> bool:

@@ -3,7 +3,7 @@ commit -> (push). The plan decides; each step applies it. No BentoML here."""
 
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -40,6 +40,7 @@ from .request import (
 from .runners.protocol import PredictionJob, PredictionResult, Predictor
 from .settings import ServeSettings, load_settings
 from .stage import StageInput, StageMasks
+from .webhooks import Webhook
 
 StepCallback = Callable[[int, str], None]
 UNRESTRICTED = PathRoots(input_roots=None, output_root=None)
@@ -102,11 +103,12 @@ class SegmentationPipeline:
         roots: PathRoots = UNRESTRICTED,
         settings: ServeSettings | None = None,
         dicom_nodes: dict[str, DicomNode] | None = None,
+        webhooks: Mapping[str, Webhook] | None = None,
     ):
         self.predictor = predictor
         self.roots = roots
         self.settings = settings or load_settings()
-        self.planner = RequestPlanner(registry, roots, dicom_nodes or {}, layout)
+        self.planner = RequestPlanner(registry, roots, dicom_nodes or {}, layout, webhooks)
 
     def plan(self, request: InferenceRequest) -> RequestPlan:
         """The request resolved and checked, before any work."""

@@ -13,11 +13,13 @@ the plan holds, already resolved and checked:
 - the outputs to write, with their final names, and the DICOM options.
 
 For the request it holds the output folder, the DICOM nodes to pull from and push to, and
-the warnings for the response. The steps (read, predict, postprocess, export, push) read
-the plan and decide nothing again.
+the warnings for the response; the webhooks that ``notify`` names are checked too (a job
+calls them when it ends). The steps (read, predict, postprocess, export, push) read the plan
+and decide nothing again.
 """
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from enum import Enum
 from functools import cached_property
@@ -44,6 +46,7 @@ from .request import (
     StageSettings,
     format_validation_error,
 )
+from .webhooks import WEBHOOKS_ENV, Webhook
 
 STAGE_REFERENCE = re.compile(r"^stage_(\d+)$")
 TMP_DIR_WARNING = (
@@ -231,6 +234,23 @@ def value_for_model(name: str, value: Any, index: int, n_models: int) -> Any:
     return value[index]
 
 
+def resolve_webhooks(
+    names: list[str] | None, webhooks: Mapping[str, Webhook]
+) -> tuple[Webhook, ...]:
+    """The configured webhooks that ``notify`` names; RequestError (400) naming notify[i]."""
+    resolved = []
+    for index, name in enumerate(names or []):
+        if name not in webhooks:
+            known = (
+                f"known webhooks: {', '.join(webhooks)}"
+                if webhooks
+                else f"no webhook is configured in {WEBHOOKS_ENV}"
+            )
+            raise RequestError(f"notify[{index}]: unknown webhook {name!r} ({known})")
+        resolved.append(webhooks[name])
+    return tuple(resolved)
+
+
 def merge_stage_settings(
     request: InferenceRequest, default_args: list[dict[str, Any]]
 ) -> list[StageSettings]:
@@ -272,7 +292,8 @@ def cascade_modes(request: InferenceRequest) -> list[CascadeMode]:
 
 
 class RequestPlanner:
-    """Makes RequestPlans against one registry, path roots, DICOM nodes and output layout."""
+    """Makes RequestPlans against one registry, path roots, DICOM nodes, output layout and
+    webhooks."""
 
     def __init__(
         self,
@@ -280,16 +301,19 @@ class RequestPlanner:
         roots: PathRoots,
         nodes: dict[str, DicomNode],
         layout: OutputLayout = API_LAYOUT,
+        webhooks: Mapping[str, Webhook] | None = None,
     ) -> None:
         self.registry = registry
         self.roots = roots
         self.nodes = nodes
         self.layout = layout
+        self.webhooks = webhooks or {}
 
     def plan(self, request: InferenceRequest) -> RequestPlan:
         """Resolve and check the whole request; nothing is read but the study folder's
         existence."""
         push_to = self._push_nodes(request)
+        resolve_webhooks(request.notify, self.webhooks)
         pull = self._pull(request)
         models = [self.registry.get(model_id) for model_id in request.model_ids]
         settings = merge_stage_settings(request, [m.entry.default_args for m in models])

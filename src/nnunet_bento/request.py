@@ -323,6 +323,11 @@ class RequestFields(BaseModel):
         description="DICOM nodes to send the DICOM outputs to once they are written; a failed "
         "push is reported in `push` and keeps the outputs.",
     )
+    notify: Annotated[list[str], Field(max_length=8)] | None = Field(
+        None,
+        description="Webhooks of NNUNET_BENTO_WEBHOOKS to tell when a job ends (a signed POST "
+        "of job.done or job.failed); background jobs only.",
+    )
     output_dir: str = Field(description="Folder for the outputs; stage_N/ folders go in it.")
     tmp_dir: str = Field(
         ".tmp",

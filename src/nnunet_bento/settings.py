@@ -61,6 +61,11 @@ class ServeSettings(BaseSettings):
     nnunet_bento_dicom_nodes: Path | None = Field(
         None, description="YAML file of the DICOM nodes that requests may name."
     )
+    nnunet_bento_webhooks: Path | None = Field(
+        None,
+        description="YAML file of the webhooks that jobs and listener routes may notify "
+        "(name, url, secret_env); unset: none.",
+    )
     nnunet_bento_shared_memory: bool = Field(
         True,
         description="Pass arrays to a ModelRunner on the same host through shared memory "

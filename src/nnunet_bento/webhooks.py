@@ -114,7 +114,7 @@ def job_payload(
     *,
     event: Event,
     job_id: str,
-    study_instance_uid: str,
+    study_instance_uid: str | None,
     series_instance_uids: Sequence[str],
     models: Sequence[tuple[str, str]],
     outputs: Iterable[Path],
@@ -123,7 +123,7 @@ def job_payload(
     error: str | None = None,
 ) -> dict[str, Any]:
     """The body of a job's webhook; ``models`` are (id, version) pairs, ``outputs`` paths
-    under ``output_root`` (ValueError otherwise)."""
+    under ``output_root`` (ValueError otherwise); the study is None when no DICOM names it."""
     if event not in EVENTS:
         raise ValueError(f"event {event!r}: expected one of {', '.join(EVENTS)}")
     root = Path(output_root)

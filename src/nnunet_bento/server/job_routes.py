@@ -5,7 +5,10 @@
   outputs with ``response.json``, paths relative to the archive's root.
 - ``POST /jobs`` (the /infer body) and ``POST /jobs/upload`` (the /infer_file parts) answer
   202 with ``{"job_id": ...}``; ``GET /jobs/{id}``, ``GET /jobs/{id}/result`` and
-  ``DELETE /jobs/{id}`` follow the job.
+  ``DELETE /jobs/{id}`` follow the job; ``GET /jobs`` lists the jobs, the DICOM listener's
+  (``create_job``) with them.
+- A job calls the webhooks its request names (``notify``) once it ended, after its inputs are
+  removed and its pipeline slot is free; their results join its record.
 
 They live on the mounted Starlette app, not as BentoML APIs: BentoML's file parameters
 download any URL given instead of a file, which would let a caller make the server fetch
@@ -28,14 +31,14 @@ import logging
 import shutil
 import uuid
 from collections.abc import AsyncIterator, Callable
-from contextlib import aclosing
-from dataclasses import dataclass
+from contextlib import AbstractAsyncContextManager, aclosing
+from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO, Protocol
 
 import anyio
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from python_multipart.exceptions import FormParserError
 from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.background import BackgroundTask
@@ -46,12 +49,20 @@ from starlette.responses import FileResponse, JSONResponse, Response
 from ..errors import InsufficientStorageError, NnunetBentoError, RequestError, TooLargeError
 from ..io.archive import ArchiveLimits, extract_study, pack_outputs
 from ..io.work_folder import WorkBudget, WorkRoom
-from ..job_store import JobKind, JobRecord, JobStatus, JobStore
-from ..pipeline import StepCallback
-from ..request import SERVER_SET_FIELDS, InferenceRequest, InferenceResponse
+from ..job_store import JobKind, JobRecord, JobSource, JobStatus, JobStore
+from ..pipeline import SegmentationPipeline, StepCallback
+from ..plan import resolve_webhooks
+from ..request import (
+    SERVER_SET_FIELDS,
+    InferenceRequest,
+    InferenceResponse,
+    format_validation_error,
+)
 from ..settings import ServeSettings
+from ..webhooks import DeliveryResult, Webhook
 from .admission import RETRY_AFTER_S, Admission, Place, ServerBusyError
 from .error_body import error_response
+from .job_webhooks import deliver_all, job_webhook_body
 from .request_body import parse_json, parse_request
 
 if TYPE_CHECKING:
@@ -97,6 +108,7 @@ class RouteSpec:
 
 JOB_ROUTES = (
     RouteSpec("/infer_file", "POST", "infer_file"),
+    RouteSpec("/jobs", "GET", "list_jobs"),
     RouteSpec("/jobs", "POST", "submit"),
     RouteSpec("/jobs/upload", "POST", "submit_upload"),
     RouteSpec("/jobs/{job_id:job_id}", "GET", "status"),
@@ -119,6 +131,16 @@ class StageProgress(BaseModel):
     count: int | None
 
 
+class Notification(BaseModel):
+    """How the delivery to one webhook ended (webhooks.DeliveryResult)."""
+
+    webhook: str
+    delivered: bool
+    attempts: int
+    status: int | None = Field(description="The last HTTP status; null when none came.")
+    error: str | None
+
+
 class JobState(BaseModel):
     """What GET and DELETE /jobs/{job_id} answer: a job's state, never a result or a path.
     JobRecord.to_public gives it; a field that either lacks is an error, not a silent drop."""
@@ -127,6 +149,7 @@ class JobState(BaseModel):
 
     job_id: str
     kind: JobKind
+    source: JobSource = Field(description="api, or listener for the DICOM listener's jobs.")
     status: JobStatus
     stage: StageProgress | None
     step: str | None
@@ -135,6 +158,29 @@ class JobState(BaseModel):
     finished: str | None
     error: str | None
     status_code: int | None
+    notifications: list[Notification] | None = Field(
+        description="The webhooks that the job called when it ended (notify); null before."
+    )
+
+
+class JobQuery(BaseModel):
+    """The query of GET /jobs."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    status: JobStatus | None = Field(None, description="Only the jobs in this state.")
+    source: JobSource | None = Field(None, description="Only the jobs of this source.")
+    limit: int = Field(50, ge=1, le=100, description="Jobs per page.")
+    after: str | None = Field(
+        None, max_length=200, description="The `next` cursor of the previous page."
+    )
+
+
+class JobList(BaseModel):
+    """What GET /jobs answers: jobs, newest first, and the cursor of the next page."""
+
+    jobs: list[JobState]
+    next: str | None = Field(description="Give it as `after` for the next page; null at the end.")
 
 
 class UploadForm(BaseModel):
@@ -152,6 +198,7 @@ class JobHost(Protocol):
 
     settings: ServeSettings
     admission: Admission
+    pipeline: SegmentationPipeline
 
     async def run_admitted(
         self,
@@ -161,6 +208,20 @@ class JobHost(Protocol):
     ) -> InferenceResponse: ...
 
     def failure_for(self, nnunet_id: Any, error: Exception) -> JSONResponse: ...
+
+
+@dataclass(frozen=True)
+class JobOrigin:
+    """Where a job comes from: its source; the study and series it is about, when the source
+    knows them (the listener); and what to do, in a worker thread, once it ended."""
+
+    source: JobSource = "api"
+    study_uid: str | None = None
+    series_uids: tuple[str, ...] = ()
+    on_end: Callable[[], None] | None = None
+
+
+API_ORIGIN = JobOrigin()
 
 
 class JobCancelledError(NnunetBentoError):
@@ -423,6 +484,16 @@ def study_root(upload: Upload, fields: dict[str, Any]) -> Path:
     return upload.study
 
 
+def answered_at_once(request: InferenceRequest) -> InferenceRequest:
+    """``request`` for a route that answers when it ends; a webhook is only for a job."""
+    if request.notify:
+        raise RequestError(
+            "notify is for background jobs (POST /jobs, POST /jobs/upload): this route "
+            "answers when the request ends"
+        )
+    return request
+
+
 def upload_request(upload: Upload, fields: dict[str, Any]) -> InferenceRequest:
     """The /infer request for an extracted upload."""
     study = study_root(upload, fields)
@@ -494,7 +565,7 @@ class JobRoutes:
             return refusal(error)
         try:
             async with place.slot():
-                response = await self.host.run_admitted(inference)
+                response = await self.host.run_admitted(answered_at_once(inference))
             result = await anyio.to_thread.run_sync(pack_result, response, upload)
             return zip_response(result, remove=upload.folder)
         except Exception as error:
@@ -535,20 +606,32 @@ class JobRoutes:
         self, kind: JobKind, inference: InferenceRequest, upload: Upload | None, place: Place
     ) -> Response:
         """Record the job and start its task, which takes ``place`` over: 202 with its id."""
+        record = await self.create_job(kind, inference, upload, place.hand_over().slot())
+        created = JobCreated(job_id=record.job_id, status=record.status)
+        return JSONResponse(created.model_dump(), status_code=202)
+
+    async def create_job(
+        self,
+        kind: JobKind,
+        inference: InferenceRequest,
+        upload: Upload | None,
+        slot: AbstractAsyncContextManager[Any],
+        origin: JobOrigin = API_ORIGIN,
+    ) -> JobRecord:
+        """Record a queued job and start its task, which runs inside ``slot`` (a pipeline slot
+        with the request's place, or the listener's wait for a slot): its record."""
         folder = upload.folder if upload is not None else None
         try:
             await anyio.to_thread.run_sync(self.expire)
-            record = await anyio.to_thread.run_sync(self.jobs.create, kind, folder)
+            record = await anyio.to_thread.run_sync(self.jobs.create, kind, folder, origin.source)
         except BaseException:
             if folder is not None:
                 await remove_folder(folder)
             raise
-        job = self.run_job(record.job_id, inference, upload, place.hand_over())
-        task = asyncio.create_task(job)
+        task = asyncio.create_task(self.run_job(record.job_id, inference, upload, slot, origin))
         self.tasks.add(task)
         task.add_done_callback(self.job_ended)
-        created = JobCreated(job_id=record.job_id, status=record.status)
-        return JSONResponse(created.model_dump(), status_code=202)
+        return record
 
     def job_ended(self, task: asyncio.Task) -> None:
         """Forget the task; a job that broke outside its own error handling is logged."""
@@ -557,12 +640,19 @@ class JobRoutes:
             logger.error("a job failed outside its error handling", exc_info=task.exception())
 
     async def run_job(
-        self, job_id: str, inference: InferenceRequest, upload: Upload | None, place: Place
+        self,
+        job_id: str,
+        inference: InferenceRequest,
+        upload: Upload | None,
+        slot: AbstractAsyncContextManager[Any],
+        origin: JobOrigin,
     ) -> None:
-        """Run one job to its end, recording its progress and outcome; the job store and the
-        result's packing run in worker threads (``on_step`` and ``check`` run in the
-        pipeline's)."""
+        """Run one job to its end, recording its progress and outcome, then call its webhooks;
+        the job store and the result's packing run in worker threads (``on_step`` and
+        ``check`` run in the pipeline's)."""
         n_stages = len(inference.model_ids)
+        response: InferenceResponse | None = None
+        call: tuple[tuple[Webhook, ...], dict[str, Any]] | None = None
 
         def on_step(stage: int, step: str) -> None:
             self.jobs.progress(job_id, stage, n_stages, step)
@@ -572,7 +662,7 @@ class JobRoutes:
                 raise JobCancelledError(f"job {job_id} was cancelled; nothing was written")
 
         try:
-            async with place.slot():
+            async with slot:
                 if not await anyio.to_thread.run_sync(self.jobs.start, job_id):
                     return
                 response = await self.host.run_admitted(inference, on_step, check)
@@ -587,9 +677,52 @@ class JobRoutes:
             error_text = json.loads(failure.body)["error"]
             await anyio.to_thread.run_sync(self.jobs.fail, job_id, error_text, failure.status_code)
         finally:
-            if upload is not None:
-                with anyio.CancelScope(shield=True):
+            with anyio.CancelScope(shield=True):
+                call = await self.webhook_call(job_id, inference, response, origin)
+                if upload is not None:
                     await anyio.to_thread.run_sync(self.remove_upload_inputs, upload, job_id)
+                if origin.on_end is not None:
+                    await anyio.to_thread.run_sync(origin.on_end)
+        if call is not None:
+            results = await deliver_all(*call)
+            await anyio.to_thread.run_sync(self.jobs.notified, job_id, results)
+
+    async def webhook_call(
+        self,
+        job_id: str,
+        inference: InferenceRequest,
+        response: InferenceResponse | None,
+        origin: JobOrigin,
+    ) -> tuple[tuple[Webhook, ...], dict[str, Any]] | None:
+        """The webhooks that an ended job calls and the body it sends them, built while its
+        outputs are still there; None for a job that calls none (or was cancelled)."""
+        try:
+            webhooks = resolve_webhooks(inference.notify, self.host.pipeline.planner.webhooks)
+        except RequestError:  # the job failed with this very error
+            return None
+        record = await anyio.to_thread.run_sync(self.jobs.get, job_id)
+        if not webhooks or record is None or record.status not in ("done", "failed"):
+            return None
+        subject = (origin.study_uid, origin.series_uids) if origin.study_uid else None
+        try:
+            body = await anyio.to_thread.run_sync(
+                job_webhook_body,
+                record,
+                inference,
+                response if record.status == "done" else None,
+                self.host.pipeline.planner.registry,
+                self.host.pipeline.roots.output_root,
+                subject,
+            )
+        except Exception as error:
+            logger.exception("job %s: its webhook body could not be made", job_id)
+            failed = f"the body could not be made: {type(error).__name__}; see the server log"
+            results = [
+                asdict(DeliveryResult(hook.name, False, 0, None, failed)) for hook in webhooks
+            ]
+            await anyio.to_thread.run_sync(self.jobs.notified, job_id, results)
+            return None
+        return webhooks, body
 
     def remove_upload_inputs(self, upload: Upload, job_id: str) -> None:
         """Keep only the result zip of a finished upload job (in a worker thread)."""
@@ -600,6 +733,24 @@ class JobRoutes:
         for path in upload.folder.iterdir():
             if path != upload.result:
                 shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink()
+
+    async def list_jobs(self, request: Request) -> Response:
+        """The jobs, newest first, the listener's with them: `status` and `source` filter them,
+        `limit` (at most 100) bounds a page, and `after` takes the `next` cursor of the page
+        before. Until named clients exist, every caller sees every job."""
+        try:
+            query = JobQuery.model_validate(dict(request.query_params))
+        except ValidationError as error:
+            return error_response(400, format_validation_error(error))
+        await anyio.to_thread.run_sync(self.expire)
+        try:
+            page = await anyio.to_thread.run_sync(
+                partial(self.jobs.page, query.status, query.source, query.limit, query.after)
+            )
+        except ValueError as error:
+            return error_response(400, f"after: {error}")
+        jobs = [JobState.model_validate(record.to_public()) for record in page.records]
+        return JSONResponse(JobList(jobs=jobs, next=page.next).model_dump(mode="json"))
 
     async def record(self, request: Request) -> JobRecord | None:
         """The job that the path names, once older jobs expire (in a worker thread)."""

@@ -22,7 +22,7 @@ from starlette.routing import Route
 from .. import __version__
 from ..request import InferenceRequest, InferenceResponse
 from .guard import OPEN_PATHS, PROBE_PATHS
-from .job_routes import JobCreated, JobState, UploadForm
+from .job_routes import JobCreated, JobList, JobQuery, JobState, UploadForm
 
 OPENAPI_VERSION = "3.1.0"
 REF = "#/components/schemas/{model}"
@@ -62,6 +62,7 @@ COMPONENT_MODELS = (
     (InferenceResponse, "serialization"),
     (JobCreated, "serialization"),
     (JobState, "serialization"),
+    (JobList, "serialization"),
     (UploadForm, "validation"),
 )
 #: What running a request can answer besides success (the statuses of errors.py).
@@ -91,7 +92,7 @@ class Answers:
     """What one route answers besides the statuses that any route of its kind answers: the
     error statuses of its work, its success status and body by media type (None: BentoML's),
     its request body (None: BentoML's, or none), the routes that take the job_id it answers,
-    and the success statuses it answers without a body."""
+    the success statuses it answers without a body, and the model of its query."""
 
     errors: tuple[int, ...] = ()
     success: int = 200
@@ -99,6 +100,7 @@ class Answers:
     body: Content | None = None
     links: tuple[str, ...] = ()
     empty: tuple[int, ...] = ()
+    query: type[BaseModel] | None = None
 
 
 ANSWERS = {
@@ -122,6 +124,7 @@ ANSWERS = {
     "submit_upload": Answers(
         (413, 503, 507), 202, json_content(JobCreated), UPLOAD, ("status", "result", "cancel")
     ),
+    "list_jobs": Answers((400,), content=json_content(JobList), query=JobQuery),
     "status": Answers((404,), content=json_content(JobState)),
     "cancel": Answers((404,), content=json_content(JobState), empty=(204,)),
     "result": Answers(RUN_ERRORS, content={**json_content(InferenceResponse), **ZIP}),
@@ -212,6 +215,29 @@ def path_parameters(route: Route) -> list[dict[str, Any]]:
     ]
 
 
+def query_parameters(model: type[BaseModel]) -> list[dict[str, Any]]:
+    """The query parameters of a route's query model: each field, its description and its
+    schema (an optional field's, without null: an absent parameter is null)."""
+    schema = model.model_json_schema(ref_template=REF)
+    parameters = []
+    for name, field_schema in schema["properties"].items():
+        options = [option for option in field_schema.get("anyOf", []) if option != {"type": "null"}]
+        value = options[0] if options else field_schema
+        kept = {key: item for key, item in value.items() if key not in ("title", "description")}
+        if field_schema.get("default") is not None:
+            kept["default"] = field_schema["default"]
+        parameters.append(
+            {
+                "name": name,
+                "in": "query",
+                "required": name in schema.get("required", ()),
+                "description": field_schema.get("description", ""),
+                "schema": kept,
+            }
+        )
+    return parameters
+
+
 def complete(found: Found, path: str, method: str, token_required: bool) -> dict[str, Any]:
     """One operation with its parameters, request body, responses and security."""
     answers = ANSWERS[found.name]
@@ -220,6 +246,7 @@ def complete(found: Found, path: str, method: str, token_required: bool) -> dict
     kept = ("tags", "x-bentoml-name", "parameters")
     operation: dict[str, Any] = {
         **{key: found.base[key] for key in kept if key in found.base},
+        **({"parameters": query_parameters(answers.query)} if answers.query else {}),
         "operationId": found.operation_id,
         "description": found.base.get("description", ""),
         "responses": {

@@ -29,9 +29,10 @@ from ..pacs.nodes import DicomNode, load_nodes, node_kinds
 from ..pipeline import SegmentationPipeline, StepCallback
 from ..request import InferenceRequest, InferenceResponse
 from ..settings import ServeSettings, allowed_hosts, allowed_origins, load_settings
+from ..webhooks import Webhook, load_webhooks
 from .admission import Admission, deadline_check
 from .error_body import error_response
-from .job_routes import UPLOAD_PATHS, JobRoutes, refusal
+from .job_routes import UPLOAD_PATHS, JobRoutes, answered_at_once, refusal
 from .request_body import StrictInferenceRequest, parse_request
 from .routes import METRICS_CONFIG
 from .runner_service import RunnerServicePredictor
@@ -54,6 +55,16 @@ def load_dicom_nodes_or_exit(settings: ServeSettings) -> dict[str, DicomNode]:
         return {}
     try:
         return load_nodes(settings.nnunet_bento_dicom_nodes)
+    except SpecError as error:
+        sys.exit(f"nnunet-bento cannot start: {error}")
+
+
+def load_webhooks_or_exit(settings: ServeSettings) -> dict[str, Webhook]:
+    """The webhooks of NNUNET_BENTO_WEBHOOKS (none when unset); an error stops start-up."""
+    if settings.nnunet_bento_webhooks is None:
+        return {}
+    try:
+        return load_webhooks(settings.nnunet_bento_webhooks)
     except SpecError as error:
         sys.exit(f"nnunet-bento cannot start: {error}")
 
@@ -154,6 +165,7 @@ class SegmentationServiceBase:
 
     registry: Registry
     dicom_nodes: dict[str, DicomNode]
+    webhooks: dict[str, Webhook]
     runner: Any
 
     def __init__(self) -> None:
@@ -166,6 +178,7 @@ class SegmentationServiceBase:
             roots=path_roots(self.settings),
             settings=self.settings,
             dicom_nodes=self.dicom_nodes,
+            webhooks=self.webhooks,
         )
         self.admission = Admission(
             self.settings.nnunet_bento_max_pipelines, self.settings.nnunet_bento_max_queue
@@ -178,7 +191,8 @@ class SegmentationServiceBase:
     async def infer(self, **fields: Any) -> dict[str, Any]:
         """Run one inference request (a model, or a cascade of models)."""
         try:
-            response = await self.run_pipeline(parse_request(given_fields(fields)))
+            request = answered_at_once(parse_request(given_fields(fields)))
+            response = await self.run_pipeline(request)
         except Exception as error:
             return self.failure_for(fields.get("nnunet_id"), error)
         return response.model_dump(mode="json")
