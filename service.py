@@ -14,6 +14,7 @@ from nnunet_bento.server.services import (
     SegmentationServiceBase,
     guard_options,
     load_dicom_nodes_or_exit,
+    load_listener_or_exit,
     load_registry_or_exit,
     load_webhooks_or_exit,
     prepare_work_folder_or_exit,
@@ -26,6 +27,7 @@ prepare_work_folder_or_exit(SETTINGS)
 REGISTRY = load_registry_or_exit(SETTINGS)
 DICOM_NODES = load_dicom_nodes_or_exit(SETTINGS)
 WEBHOOKS = load_webhooks_or_exit(SETTINGS)
+LISTENER = load_listener_or_exit(SETTINGS, REGISTRY, DICOM_NODES, WEBHOOKS)
 
 ModelRunner = bentoml.service(**runner_config(SETTINGS))(
     type(
@@ -42,6 +44,7 @@ SegmentationService = bentoml.service(**segmentation_config(SETTINGS))(
             "registry": REGISTRY,
             "dicom_nodes": DICOM_NODES,
             "webhooks": WEBHOOKS,
+            "listener_config": LISTENER,
             "runner": bentoml.depends(ModelRunner),
         },
     )

@@ -66,6 +66,11 @@ class ServeSettings(BaseSettings):
         description="YAML file of the webhooks that jobs and listener routes may notify "
         "(name, url, secret_env); unset: none.",
     )
+    nnunet_bento_listener: Path | None = Field(
+        None,
+        description="YAML file of the DICOM listener (AE title, port, calling AE titles, "
+        "settle_s, routes); set, `bentoml serve` listens too. Needs NNUNET_BENTO_OUTPUT_ROOT.",
+    )
     nnunet_bento_shared_memory: bool = Field(
         True,
         description="Pass arrays to a ModelRunner on the same host through shared memory "

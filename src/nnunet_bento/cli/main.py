@@ -42,6 +42,13 @@ def cmd_validate_metadata(args: argparse.Namespace) -> None:
     print(f"{', '.join(args.paths)}: valid DCMQI segmentation metadata")
 
 
+def cmd_listen(args: argparse.Namespace) -> int:
+    """`listen`: loads the client, and BentoML with it, only when it runs."""
+    from .listen import listen
+
+    return listen(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="nnunet-bento", description="Serve nnU-Net v2 models with BentoML."
@@ -78,6 +85,19 @@ def build_parser() -> argparse.ArgumentParser:
     validator.add_argument("paths", nargs="+", help="template .json files or spec .yaml files")
     validator.add_argument("--debug", action="store_true", help="print full tracebacks")
     validator.set_defaults(handler=cmd_validate_metadata)
+    listener = commands.add_parser(
+        "listen",
+        help="run the DICOM listener on its own, sending jobs to a server",
+        description="Listen for DICOM (C-STORE, C-ECHO) as the file that NNUNET_BENTO_LISTENER "
+        "names says, and send each settled series that a route matches to the server at --url "
+        "as an upload job, with the route's request, push_to and notify (docs/hospital.md).",
+    )
+    listener.add_argument("--url", required=True, help="the nnunet-bento server to send jobs to")
+    listener.add_argument(
+        "--token", help="bearer token for --url (default: NNUNET_BENTO_API_TOKEN)"
+    )
+    listener.add_argument("--debug", action="store_true", help="print full tracebacks")
+    listener.set_defaults(handler=cmd_listen)
     return parser
 
 

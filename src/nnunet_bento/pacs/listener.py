@@ -218,6 +218,19 @@ def match_route(config: ListenerConfig, header: Mapping[str, str]) -> Route | No
     )
 
 
+def route_of(config: ListenerConfig, header: Mapping[str, str]) -> Route | None:
+    """The first route, in the file's order, that a series belongs to: a single-series route
+    whose ``match`` holds, or a multi-series route with a channel whose match holds."""
+    return next(
+        (
+            route
+            for route in config.routes
+            if any(_matches(match, header) for match in route.series or [route.match or {}])
+        ),
+        None,
+    )
+
+
 def match_study(
     config: ListenerConfig, series: Sequence[SeriesRecord]
 ) -> tuple[Route, list[SeriesRecord]] | None:

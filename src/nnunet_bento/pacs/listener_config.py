@@ -8,8 +8,8 @@ Guarantees:
   two) maps DICOM keywords from pydicom's dictionary to regular expressions that compile.
   Identifying patient attributes are never matched on, so they need never be kept.
 - A route's ``request`` is a valid /infer request once the listener adds the study and the
-  output folder; it names no path or folder field (``LISTENER_SET_FIELDS``) and no push
-  node (``push_to`` belongs to the route).
+  output folder; it names no path or folder field (``LISTENER_SET_FIELDS``), no push node
+  and no webhook (``push_to`` and ``notify`` belong to the route).
 - ``push_to`` and ``notify`` are names only; ``check_route_names`` checks them against the
   configured DICOM nodes and webhooks.
 """
@@ -39,7 +39,7 @@ from .nodes import NODES_ENV, AeTitle, NodeName
 LISTENER_ENV = "NNUNET_BENTO_LISTENER"
 #: Request fields that the listener sets itself: a route may not give them.
 LISTENER_SET_FIELDS = tuple(
-    dict.fromkeys((*SERVER_SET_FIELDS, "series_folders", "tmp_dir", "push_to"))
+    dict.fromkeys((*SERVER_SET_FIELDS, "series_folders", "tmp_dir", "push_to", "notify"))
 )
 #: Patient attributes (group 0010) that are kept for matching; the others identify.
 PATIENT_GROUP = 0x0010
@@ -117,7 +117,7 @@ class Route(BaseModel):
         if given:
             reason = (
                 "set by the listener, not by a route: the study and output folders come "
-                "from the listener, push nodes from the route's push_to"
+                "from the listener, push nodes and webhooks from the route's push_to and notify"
             )
             raise ValidationError.from_exception_data(
                 "request",

@@ -25,6 +25,7 @@ from ..io.path_roots import PathRoots
 from ..io.staging import remove_stale_staging
 from ..io.work_folder import claim_work_folder, prepare_work_folder, sweep_work_folder
 from ..job_store import JobStore
+from ..pacs.listener_config import ListenerConfig, check_route_names, load_listener_config
 from ..pacs.nodes import DicomNode, load_nodes, node_kinds
 from ..pipeline import SegmentationPipeline, StepCallback
 from ..request import InferenceRequest, InferenceResponse
@@ -33,6 +34,7 @@ from ..webhooks import Webhook, load_webhooks
 from .admission import Admission, deadline_check
 from .error_body import error_response
 from .job_routes import UPLOAD_PATHS, JobRoutes, answered_at_once, refusal
+from .listener_service import ListenerService, check_route_models
 from .request_body import StrictInferenceRequest, parse_request
 from .routes import METRICS_CONFIG
 from .runner_service import RunnerServicePredictor
@@ -67,6 +69,35 @@ def load_webhooks_or_exit(settings: ServeSettings) -> dict[str, Webhook]:
         return load_webhooks(settings.nnunet_bento_webhooks)
     except SpecError as error:
         sys.exit(f"nnunet-bento cannot start: {error}")
+
+
+def load_listener_or_exit(
+    settings: ServeSettings,
+    registry: Registry,
+    nodes: dict[str, DicomNode],
+    webhooks: dict[str, Webhook],
+) -> ListenerConfig | None:
+    """The DICOM listener of NNUNET_BENTO_LISTENER (None when unset), its routes checked
+    against the models, nodes and webhooks; a problem stops start-up in one line that names
+    the file, the route and the field."""
+    path = settings.nnunet_bento_listener
+    if path is None:
+        return None
+    if settings.nnunet_bento_output_root is None:
+        sys.exit(
+            "nnunet-bento cannot start: NNUNET_BENTO_LISTENER needs NNUNET_BENTO_OUTPUT_ROOT, "
+            "the folder under which the listener's jobs commit their outputs"
+        )
+    try:
+        config = load_listener_config(path)
+    except SpecError as error:
+        sys.exit(f"nnunet-bento cannot start: {error}")
+    try:
+        check_route_names(config, nodes, webhooks)
+        check_route_models(config, registry)
+    except SpecError as error:
+        sys.exit(f"nnunet-bento cannot start: {path}: {error}")
+    return config
 
 
 def segmentation_config(settings: ServeSettings) -> dict[str, Any]:
@@ -166,6 +197,7 @@ class SegmentationServiceBase:
     registry: Registry
     dicom_nodes: dict[str, DicomNode]
     webhooks: dict[str, Webhook]
+    listener_config: ListenerConfig | None
     runner: Any
 
     def __init__(self) -> None:
@@ -186,6 +218,28 @@ class SegmentationServiceBase:
         self.device: str | None = None
         self.device_query: asyncio.Future | None = None
         self.job_routes = JobRoutes(self, jobs)
+        self.listener: ListenerService | None = None
+
+    @bentoml.on_startup
+    async def start_listener(self) -> None:
+        """With NNUNET_BENTO_LISTENER, run the DICOM listener (in one worker of the server);
+        a port that cannot be taken stops the worker in one line."""
+        if self.listener_config is None:
+            return
+        try:
+            self.listener = ListenerService.start(
+                self.listener_config, self.job_routes, asyncio.get_running_loop()
+            )
+        except SpecError as error:
+            sys.exit(f"nnunet-bento cannot start: {error}")
+
+    @bentoml.on_shutdown
+    async def stop_listener(self) -> None:
+        """Stop the DICOM listener, if this worker runs it (in a worker thread: a series that
+        settles meanwhile still needs the event loop to become a job)."""
+        if self.listener is not None:
+            await anyio.to_thread.run_sync(self.listener.stop)
+            self.listener = None
 
     @bentoml.api(input_spec=StrictInferenceRequest)
     async def infer(self, **fields: Any) -> dict[str, Any]:
