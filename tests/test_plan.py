@@ -101,6 +101,7 @@ def test_a_stage_s_own_reference_wins_and_a_mask_file_is_resolved_in_the_study(p
         ({"class_idx": [7]}, RequestError, "class_idx [7] not among"),
         ({"series_folders": ["T2", "ADC"]}, RequestError, "takes 1 series"),
         ({"save_rt_struct_output": True}, RequestError, "needs is_dicom"),
+        ({"save_dicom_sr": True}, RequestError, "save_dicom_sr needs is_dicom"),
         ({"push_to": ["pacs"]}, RequestError, "push_to needs DICOM outputs"),
         ({"push_to": ["elsewhere"], "is_dicom": True}, RequestError, "push_to[0]: unknown"),
         ({"is_dicom": True, "lossless_compression": True}, RequestError, "needs segmentation_type"),
@@ -135,7 +136,7 @@ def test_a_missing_study_is_a_404_and_a_study_outside_the_roots_a_403(planner, b
 
 
 def test_the_plan_names_exactly_the_outputs_the_request_asks_for(planner, base):
-    (plain,) = planner.plan(request(base)).stages
+    (plain,) = planner.plan(request(base, save_statistics=False)).stages
     assert plain.outputs == {"prediction": ("stage_0/prediction.nii.gz",)}
     (every,) = planner.plan(
         request(
@@ -148,6 +149,7 @@ def test_the_plan_names_exactly_the_outputs_the_request_asks_for(planner, base):
             save_rt_struct_output=True,
             save_nifti_inputs=True,
             save_preview=True,
+            save_dicom_sr=True,
             suffix="v1",
         )
     ).stages
@@ -158,6 +160,8 @@ def test_the_plan_names_exactly_the_outputs_the_request_asks_for(planner, base):
         "segmentation": ("stage_0/prediction_v1.dcm",),
         "fractional_segmentation": ("stage_0/proba_v1.dcm",),
         "struct": ("stage_0/struct_v1.dcm",),
+        "statistics": ("stage_0/statistics_v1.json",),
+        "dicom_sr": ("stage_0/measurements_v1.dcm",),
         "preview": ("stage_0/preview_v1.png",),
     }
 
@@ -168,6 +172,7 @@ def test_the_command_line_layout_writes_flat_names(demo_model_dirs, planner, bas
     assert stage.outputs == {
         "prediction": ("prediction.nii.gz",),
         "proba": ("probabilities.nii.gz",),
+        "statistics": ("statistics.json",),
     }
 
 
