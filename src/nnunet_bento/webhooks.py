@@ -28,9 +28,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 import httpx
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, HttpUrl, ValidationError, field_validator
 
+from .config_file import read_config_file
 from .errors import SpecError
 from .pacs.connect import ERRNO_TEXT
 from .pacs.nodes import NodeName
@@ -77,14 +77,7 @@ class DeliveryResult:
 def load_webhooks(path: Path) -> dict[str, Webhook]:
     """Read and validate a webhooks file (YAML, ``webhooks:`` a list); SpecError names the
     webhook and the field."""
-    path = Path(path)
-    if not path.is_file():
-        raise SpecError(f"webhooks file {path} does not exist; set {WEBHOOKS_ENV} to it")
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as error:
-        raise SpecError(f"{path} is not valid YAML: {error}") from None
-    return parse_webhooks(raw, str(path))
+    return parse_webhooks(read_config_file(path, "webhooks file", WEBHOOKS_ENV), str(path))
 
 
 def parse_webhooks(raw: Any, source: str) -> dict[str, Webhook]:

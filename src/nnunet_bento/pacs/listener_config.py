@@ -19,7 +19,6 @@ from collections.abc import Collection
 from pathlib import Path
 from typing import Annotated, Any
 
-import yaml
 from pydantic import (
     AfterValidator,
     BaseModel,
@@ -31,6 +30,7 @@ from pydantic import (
 )
 from pydicom.datadict import dictionary_VR, tag_for_keyword
 
+from ..config_file import read_config_file
 from ..errors import SpecError
 from ..request import SERVER_SET_FIELDS, InferenceRequest
 from ..webhooks import WEBHOOKS_ENV
@@ -152,13 +152,7 @@ class ListenerConfig(BaseModel):
 
 def load_listener_config(path: Path) -> ListenerConfig:
     """Read and validate the listener file (YAML); SpecError names the route and field."""
-    path = Path(path)
-    if not path.is_file():
-        raise SpecError(f"DICOM listener file {path} does not exist; set {LISTENER_ENV} to it")
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as error:
-        raise SpecError(f"{path} is not valid YAML: {error}") from None
+    raw = read_config_file(path, "DICOM listener file", LISTENER_ENV)
     return parse_listener_config(raw, str(path))
 
 
