@@ -159,10 +159,10 @@ def assert_names_file(message: str, name: str, folder: Path) -> None:
     assert str(folder) not in message
 
 
-@pytest.fixture(scope="module")
-def bombs(template: pydicom.Dataset, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Three deflated files of ~1.5 MB that inflate to 1.5 GB, one series folder each."""
-    base = tmp_path_factory.mktemp("bombs")
+def write_bombs(template: pydicom.Dataset, base: Path) -> Path:
+    """Three deflated files of ~1.5 MB that inflate to 1.5 GB, one series folder each:
+    declared (by Rows × Columns × NumberOfFrames), hidden (behind a small header) and
+    in_header (a private element before the pixel data)."""
     frames = -(-BOMB_BYTES // FRAME)
     write_deflated(
         base / "declared" / "IM0000.dcm",
@@ -181,6 +181,11 @@ def bombs(template: pydicom.Dataset, tmp_path_factory: pytest.TempPathFactory) -
         64 * 64 * 2,
     )
     return base
+
+
+@pytest.fixture(scope="module")
+def bombs(template: pydicom.Dataset, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_bombs(template, tmp_path_factory.mktemp("bombs"))
 
 
 @pytest.mark.parametrize(

@@ -41,6 +41,14 @@ ORGAN_REQUEST = {"nnunet_id": "organ", "use_folds": [0], "tta": False}
 WAIT_S = 120  # the longest a test waits for what must happen
 POLL_S = 0.2
 DCMTK_ENV = {**os.environ, "TCP_NODELAY": "1"}
+#: The CT series to the organ model, results pushed to the PACS and the RIS told.
+CT_ROUTE = {
+    "name": "ct-organ",
+    "match": {"Modality": "CT"},
+    "request": {**ORGAN_REQUEST, "save_rt_struct_output": True},
+    "push_to": ["pacs"],
+    "notify": ["ris"],
+}
 SERIES_METRIC = re.compile(r'^nnunet_bento_listener_series_total\{outcome="(\w+)"\} ([0-9.e+]+)$')
 
 
@@ -186,13 +194,7 @@ def hospital(imported_models, pacs, ris, flaky, tmp_path_factory) -> Iterator[Ho
         "allowed_calling_ae": ["ORTHANC", MODALITY_AE],
         "settle_s": 1,
         "routes": [
-            {
-                "name": "ct-organ",
-                "match": {"Modality": "CT"},
-                "request": {**ORGAN_REQUEST, "save_rt_struct_output": True},
-                "push_to": ["pacs"],
-                "notify": ["ris"],
-            },
+            CT_ROUTE,
             {
                 "name": "mr-lesion",
                 "series": [{"SeriesDescription": "t2"}, {"SeriesDescription": "adc"}],
@@ -449,15 +451,7 @@ def test_nnunet_bento_listen_sends_routed_series_to_the_server_as_upload_jobs(
         "port": port,
         "allowed_calling_ae": [MODALITY_AE],
         "settle_s": 1,
-        "routes": [
-            {
-                "name": "ct-organ",
-                "match": {"Modality": "CT"},
-                "request": {**ORGAN_REQUEST, "save_rt_struct_output": True},
-                "push_to": ["pacs"],
-                "notify": ["ris"],
-            }
-        ],
+        "routes": [CT_ROUTE],
     }
     (tmp_path / "listener.yaml").write_text(yaml.safe_dump(listener))
     env = {

@@ -19,14 +19,7 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "tests"))
 
 import pydicom  # noqa: E402
-from test_dicom_bombs import (  # noqa: E402
-    BOMB_BYTES,
-    DEFAULT_MAX_VOXELS,
-    FRAME,
-    header,
-    pixel_element,
-    write_deflated,
-)
+from test_dicom_bombs import DEFAULT_MAX_VOXELS, write_bombs  # noqa: E402
 
 READERS = {
     "ours": "from nnunet_bento.io.dicom_series import read_dicom_series as read\n"
@@ -51,23 +44,11 @@ print(json.dumps({{"seconds": seconds, "raised": raised, "growth_mib": peak() - 
 """
 
 
-def write_bombs(folder: Path) -> dict[str, Path]:
-    """The two bombs, one series folder each, from the demo T2's first slice."""
+def bombs(folder: Path) -> dict[str, Path]:
+    """The declared and hidden bombs of the tests, one series folder each."""
     template = pydicom.dcmread(REPO / "examples" / "dicom" / "mr" / "T2" / "IM0000.dcm")
     del template.PixelData
-    frames = -(-BOMB_BYTES // FRAME)
-    write_deflated(
-        folder / "declared" / "IM0000.dcm",
-        header(template, 512, 512, frames),
-        pixel_element(frames * FRAME),
-        frames * FRAME,
-    )
-    write_deflated(
-        folder / "hidden" / "IM0000.dcm",
-        header(template, 64, 64),
-        pixel_element(BOMB_BYTES),
-        BOMB_BYTES,
-    )
+    write_bombs(template, folder)
     return {name: folder / name for name in ("declared", "hidden")}
 
 
@@ -83,7 +64,7 @@ def measure(reader: str, series: Path) -> dict:
 def main() -> None:
     argparse.ArgumentParser(description=__doc__).parse_args()
     with tempfile.TemporaryDirectory(prefix="bench-bombs-") as folder:
-        for name, series in write_bombs(Path(folder)).items():
+        for name, series in bombs(Path(folder)).items():
             size = (series / "IM0000.dcm").stat().st_size / 2**20
             ours, theirs = measure("ours", series), measure("pydicom", series)
             print(
